@@ -1,0 +1,18 @@
+"""Test set-up: 8 fake CPU devices and a persistent compilation cache.
+
+XLA_FLAGS must be set before jax is imported anywhere, which is why this
+happens at conftest import time.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF must never claim a GPU.
+
+import jax  # noqa: E402
+
+_CACHE = os.environ.get("SDSUP_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
