@@ -1,0 +1,71 @@
+"""Checks a config before anything is built or compiled.
+
+`ml_collections` with `lock_config=True` already rejects unknown keys and
+wrongly typed overrides while flags are parsed; `validate` checks the values
+(ranges, names, combinations) and raises a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from sdsup.errors import ConfigError
+
+
+def _require(cond: bool, key: str, message: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config.{key} {message}, got {value!r}")
+
+
+def _positive_int(config, key: str) -> None:
+    value = _get(config, key)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
+             "must be a positive integer", value)
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            raise ConfigError(f"config.{key} is missing")
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first bad value, naming its key."""
+    from sdsup import stages
+    from sdsup.data import registry
+
+    stage_names = tuple(_get(config, "stages"))
+    _require(len(stage_names) > 0, "stages", "must list at least one stage", stage_names)
+    for name in stage_names:
+        _require(name in stages.names(), "stages", f"has unknown stage {name!r} (known: {stages.names()})",
+                 stage_names)
+    _require(len(set(stage_names)) == len(stage_names), "stages", "lists a stage twice", stage_names)
+
+    name = _get(config, "data.name")
+    _require(name in registry.names(), "data.name", f"is not a registered dataset {registry.names()}", name)
+    size = _get(config, "data.image_size")
+    _require(isinstance(size, int) and size >= 16 and size % 8 == 0, "data.image_size",
+             "must be a multiple of 8 and at least 16 (the VAE downsamples by 8)", size)
+    for key in ("data.num_train", "data.num_validation", "data.num_test", "input.batch_size",
+                "input.num_threads", "input.prefetch", "input.device_prefetch", "text.max_length"):
+        _positive_int(config, key)
+    _require(_get(config, "text.max_length") >= 3, "text.max_length", "must be at least 3", _get(config, "text.max_length"))
+    tok = _get(config, "text.tokenizer")
+    _require(tok in ("scenes_words", "clip"), "text.tokenizer", "must be 'scenes_words' or 'clip'", tok)
+    if tok == "clip":
+        _require(bool(_get(config, "text.tokenizer_path")), "text.tokenizer_path",
+                 "must name a local CLIP tokenizer directory when text.tokenizer='clip'", None)
+    for axis, size in _get(config, "mesh").items():
+        _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
+                 "must be a positive integer or -1", size)
+    _positive_int(config, "preview_examples")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

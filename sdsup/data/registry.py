@@ -1,0 +1,160 @@
+"""Dataset specs: everything the rest of sdsup needs to know about a dataset.
+
+The trainer, evaluation and visualisation read class names, palette, ignore id
+and captions only through a `DatasetSpec`, so a real dataset (ADE20K,
+Cityscapes, COCO-Stuff) plugs in by registering a spec with its tfds builder;
+nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from sdsup.data import scenes
+from sdsup.errors import SdsupError
+
+
+class DatasetError(SdsupError):
+    """A dataset that is missing, corrupt or misconfigured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    class_names: Tuple[str, ...]
+    palette: Tuple[Tuple[int, int, int], ...]  # label colours, one per class
+    ignore_id: int
+    # Where captions come from: "field:<feature>" reads a feature of each record.
+    caption_source: str
+    # data_config (a ConfigDict or dict with the `data.*` fields) -> tfds builder.
+    make_builder: Callable
+    # Whether `download_and_prepare` can run offline without user files.
+    builds_offline: bool
+    default_tokenizer: str  # "scenes_words" | "clip"
+    splits: Tuple[str, ...] = ("train", "validation", "test")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def palette_array(self) -> np.ndarray:
+        return np.asarray(self.palette, np.uint8)
+
+    @property
+    def caption_field(self) -> str:
+        kind, _, field = self.caption_source.partition(":")
+        if kind != "field" or not field:
+            raise DatasetError(f"dataset {self.name}: unsupported caption_source {self.caption_source!r}")
+        return field
+
+
+_REGISTRY: dict = {}
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"dataset {spec.name!r} is already registered")
+    if len(spec.palette) != spec.num_classes:
+        raise ValueError(f"dataset {spec.name!r}: {len(spec.palette)} palette colours for {spec.num_classes} classes")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> DatasetSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise DatasetError(f"unknown dataset {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def names() -> list:
+    return sorted(_REGISTRY)
+
+
+def _scenes_builder(data_config):
+    from sdsup.data import scenes_builder  # tfds is heavy; import on use.
+
+    config = scenes_builder.ScenesConfig(
+        image_size=int(data_config.image_size),
+        seed=int(data_config.seed),
+        num_train=int(data_config.num_train),
+        num_validation=int(data_config.num_validation),
+        num_test=int(data_config.num_test),
+    )
+    return scenes_builder.SdsupScenes(config=config, data_dir=_data_dir(data_config))
+
+
+def _data_dir(data_config) -> Optional[str]:
+    data_dir = data_config.get("data_dir") if hasattr(data_config, "get") else None
+    return os.path.expanduser(data_dir) if data_dir else None
+
+
+SCENES = register(
+    DatasetSpec(
+        name="scenes",
+        class_names=scenes.CLASS_NAMES,
+        palette=tuple(tuple(int(v) for v in c) for c in scenes.PALETTE),
+        ignore_id=scenes.IGNORE_ID,
+        caption_source="field:caption",
+        make_builder=_scenes_builder,
+        builds_offline=True,
+        default_tokenizer="scenes_words",
+    )
+)
+
+
+# ----------------------------------------------------------------------------
+# Building and opening.
+# ----------------------------------------------------------------------------
+def prepare(spec: DatasetSpec, data_config):
+    """The dataset's builder, built first if it can be and is not yet.
+
+    Raises DatasetError, naming the directory, when the data is missing and
+    cannot be built here, or is present but incomplete or corrupt.
+    """
+    try:
+        builder = spec.make_builder(data_config)
+    except DatasetError:
+        raise
+    except Exception as e:  # tfds reports a bad dataset_info.json this way.
+        raise DatasetError(f"dataset {spec.name}: cannot open its directory "
+                           f"({_data_dir(data_config) or 'tfds default'}): {type(e).__name__}: {e}") from e
+    if not builder.is_prepared():
+        if not spec.builds_offline:
+            raise DatasetError(
+                f"dataset {spec.name} is not prepared under {builder.data_dir} and needs your files: "
+                f"see its builder's manual_dir instructions")
+        builder.download_and_prepare(file_format="array_record")
+    verify(spec, builder)
+    return builder
+
+
+def verify(spec: DatasetSpec, builder) -> None:
+    """Checks that each split's records exist, count right and decode."""
+    where = builder.data_dir
+    for split in spec.splits:
+        try:
+            expected = builder.info.splits[split].num_examples
+            source = builder.as_data_source(split)
+            if len(source) != expected:
+                raise DatasetError(f"split {split} has {len(source)} records, dataset_info says {expected}")
+            if expected:
+                source[0], source[expected - 1]  # decodes; a truncated file fails here
+        except DatasetError as e:
+            raise DatasetError(f"dataset {spec.name} at {where} is incomplete or corrupt: {e}; "
+                               f"delete {where} to rebuild it") from None
+        except Exception as e:
+            raise DatasetError(f"dataset {spec.name} at {where} is incomplete or corrupt "
+                               f"(split {split}: {type(e).__name__}: {e}); delete {where} to rebuild it") from None
+
+
+def data_source(spec: DatasetSpec, builder, split: str):
+    """Random-access source of decoded records for grain."""
+    if split not in spec.splits:
+        raise DatasetError(f"dataset {spec.name} has no split {split!r}; splits: {spec.splits}")
+    return builder.as_data_source(split)

@@ -1,0 +1,95 @@
+"""Pictures: colour-coded label maps, legends and captioned grids (PNG)."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IGNORE_COLOUR = (0, 0, 0)
+
+
+def colorize(label: np.ndarray, palette: Sequence, ignore_id: int = 255) -> np.ndarray:
+    """Label map [..., H, W] of class ids -> colour image [..., H, W, 3].
+
+    Ignore pixels are black; ids beyond the palette are magenta so they show.
+    """
+    palette = np.asarray(palette, np.uint8)
+    table = np.zeros((256, 3), np.uint8)
+    table[:] = (255, 0, 255)
+    table[: len(palette)] = palette
+    table[ignore_id] = IGNORE_COLOUR
+    return table[np.asarray(label, np.uint8)]
+
+
+def _font(size: int = 11):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def legend(class_names: Sequence[str], palette: Sequence, present: Optional[Sequence[int]] = None,
+           width: int = 120, row: int = 14) -> np.ndarray:
+    """A column of colour swatches with class names (only `present` ids if given)."""
+    ids = list(range(len(class_names))) if present is None else sorted(set(int(i) for i in present))
+    ids = [i for i in ids if 0 <= i < len(class_names)]
+    img = Image.new("RGB", (width, max(row, row * len(ids) + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = _font()
+    for k, i in enumerate(ids):
+        y = 2 + k * row
+        draw.rectangle([2, y, 2 + row - 3, y + row - 3], fill=tuple(int(v) for v in palette[i]), outline=(0, 0, 0))
+        draw.text((row + 4, y), class_names[i], fill=(0, 0, 0), font=font)
+    return np.asarray(img)
+
+
+def _text_panel(text: str, width: int, height: int) -> np.ndarray:
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    chars = max(8, width // 6)
+    draw.multiline_text((3, 3), "\n".join(textwrap.wrap(text, chars)), fill=(0, 0, 0), font=_font(), spacing=2)
+    return np.asarray(img)
+
+
+def _fit(panel: np.ndarray, height: int) -> np.ndarray:
+    """Pads (never scales) a panel to `height` rows with white."""
+    if panel.shape[0] >= height:
+        return panel[:height]
+    pad = np.full((height - panel.shape[0],) + panel.shape[1:], 255, panel.dtype)
+    return np.concatenate([panel, pad], 0)
+
+
+def captioned_grid(rows: Sequence[dict], class_names: Sequence[str], palette: Sequence,
+                   ignore_id: int = 255, scale: int = 2, caption_width: int = 220) -> np.ndarray:
+    """One row per example: caption | one or more images / label maps | legend.
+
+    Each row dict has `caption` and `panels`: a list of arrays, either images
+    [H, W, 3] uint8 or label maps [H, W] (colour-coded with the palette).
+    """
+    out_rows = []
+    for r in rows:
+        panels, present = [], set()
+        for p in r["panels"]:
+            p = np.asarray(p)
+            if p.ndim == 2:
+                present |= set(np.unique(p).tolist()) - {ignore_id}
+                p = colorize(p, palette, ignore_id)
+            p = np.repeat(np.repeat(p, scale, 0), scale, 1)
+            panels.append(p)
+            panels.append(np.full((p.shape[0], 4, 3), 255, np.uint8))
+        height = max(p.shape[0] for p in panels)
+        leg = legend(class_names, palette, present or None)
+        height = max(height, min(leg.shape[0], 4 * height))
+        cells = [_text_panel(r.get("caption", ""), caption_width, height)] + panels + [leg]
+        out_rows.append(np.concatenate([_fit(c, height) for c in cells], 1))
+        out_rows.append(np.full((4, out_rows[-1].shape[1], 3), 200, np.uint8))
+    width = max(r.shape[1] for r in out_rows)
+    out_rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in out_rows]
+    return np.concatenate(out_rows, 0)
+
+
+def save_png(array: np.ndarray, path: str) -> None:
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)

@@ -1,0 +1,187 @@
+"""Input pipeline: shapes, process sharding, resumable state, flips, global batches."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from sdsup import parallel
+from sdsup.data import pipeline, registry, scenes, tokenizers
+
+NUM_TRAIN = 96
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    config = ConfigDict(dict(name="scenes", data_dir=str(tmp_path_factory.mktemp("tfds")), image_size=32,
+                             seed=0, num_train=NUM_TRAIN, num_validation=20, num_test=12))
+    builder = registry.prepare(registry.SCENES, config)
+    return config, builder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizers.WordTokenizer.scenes(64)
+
+
+def _train(builder, tok, **kw):
+    source = registry.data_source(registry.SCENES, builder, "train")
+    args = dict(tokenizer=tok, global_batch_size=8, seed=5, num_threads=0)
+    args.update(kw)
+    return pipeline.train_dataset(source, **args)
+
+
+def test_dataset_metadata_and_verification(dataset):
+    _, builder = dataset
+    meta = builder.info.metadata
+    assert meta["class_names"] == list(scenes.CLASS_NAMES)
+    assert len(meta["palette"]) == len(scenes.CLASS_NAMES)
+    assert builder.info.splits["train"].num_examples == NUM_TRAIN
+    registry.verify(registry.SCENES, builder)
+    source = registry.data_source(registry.SCENES, builder, "test")
+    for i in range(len(source)):
+        scene = scenes.Scene.from_json(source[i]["scene"])
+        assert scenes.facts(scene) & scenes.HELD_OUT
+
+
+def test_records_equal_the_generator(dataset):
+    config, builder = dataset
+    source = registry.data_source(registry.SCENES, builder, "validation")
+    for i in (0, 7, 19):
+        record = source[i]
+        expected = scenes.make_example(config.seed, "validation", int(record["index"]), 32)
+        assert np.array_equal(record["image"], expected["image"])
+        assert np.array_equal(record["label"], expected["label"])
+        assert record["caption"].decode() == expected["caption"]
+
+
+def test_batches_are_batched_tokenized_and_typed(dataset, tok):
+    batch = next(iter(_train(dataset[1], tok)))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (8, 32, 32) and batch["label"].dtype == np.uint8
+    assert batch["tokens"].shape == (8, 64) and batch["tokens"].dtype == np.int32
+    assert (batch["tokens"][:, 0] == tok.bos_id).all()
+
+
+def _epoch_indices(builder, tok, process_index, process_count, epochs=1):
+    ds = _train(builder, tok, process_index=process_index, process_count=process_count, flip=False,
+                global_batch_size=4 * process_count, num_epochs=epochs, keep_metadata=True)
+    return [int(i) for b in ds for i in b["index"]]
+
+
+def test_processes_read_disjoint_shards_whose_union_is_the_epoch(dataset, tok):
+    shards = [_epoch_indices(dataset[1], tok, p, 2) for p in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(NUM_TRAIN))
+    assert len(shards[0]) == len(shards[1]) == NUM_TRAIN // 2
+
+
+def test_each_epoch_is_reshuffled(dataset, tok):
+    two = _epoch_indices(dataset[1], tok, 0, 1, epochs=2)
+    first, second = two[:NUM_TRAIN], two[NUM_TRAIN:]
+    assert sorted(first) == sorted(second) == list(range(NUM_TRAIN))
+    assert first != second
+
+
+@pytest.mark.parametrize("num_threads", [0, 2])
+def test_iterator_state_resumes_at_the_same_example(dataset, tok, num_threads):
+    ds = _train(dataset[1], tok, num_threads=num_threads)
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # must survive a JSON checkpoint
+    expected = [next(it) for _ in range(15)]  # crosses an epoch boundary (12 batches/epoch)
+    resumed = iter(_train(dataset[1], tok, num_threads=num_threads))
+    resumed.set_state(state)
+    for a, b in zip(expected, (next(resumed) for _ in range(15))):
+        for key in ("image", "label", "tokens"):
+            assert np.array_equal(a[key], b[key])
+
+
+def test_flip_keeps_image_map_and_caption_consistent(dataset, tok):
+    source = registry.data_source(registry.SCENES, dataset[1], "train")
+
+    class AlwaysFlip:
+        def random(self):
+            return 0.0
+
+    pre = pipeline.Preprocess(tok, flip=True, keep_metadata=True)
+    checked = 0
+    for i in range(len(source)):
+        record = source[i]
+        out = pre.random_map(record, AlwaysFlip())
+        assert np.array_equal(out["image"], record["image"][:, ::-1])
+        assert np.array_equal(out["label"], record["label"][:, ::-1])
+        assert out["caption"] == scenes.swap_left_right(record["caption"].decode())
+        assert tok.decode(out["tokens"]) == out["caption"]
+        # A thing the flipped caption puts "on the left" is now on the left.
+        scene = scenes.Scene.from_json(record["scene"])
+        for g in scene.groups:
+            ys, xs = np.nonzero(out["label"] == scenes.CLASS_ID[g.cls])
+            if g.ref is None and g.slot != 1 and len(xs) >= 3:
+                side = "on the left" if xs.mean() < 16 else "on the right"
+                if g.layer == "sky":
+                    side = "at the top left" if xs.mean() < 16 else "at the top right"
+                assert side in out["caption"], (out["caption"], g.cls)
+                checked += 1
+    assert checked > 20
+
+
+def test_eval_batches_cover_the_split_once_with_padding(dataset, tok):
+    source = registry.data_source(registry.SCENES, dataset[1], "validation")  # 20 examples
+    seen = []
+    counts = []
+    for p in range(3):
+        batches = list(pipeline.eval_batches(source, tokenizer=tok, global_batch_size=12,
+                                             process_index=p, process_count=3))
+        counts.append(len(batches))
+        for b in batches:
+            assert b["image"].shape[0] == 4 and len(b["caption"]) == 4
+            seen += [int(i) for i, m in zip(b["index"], b["mask"]) if m]
+    assert len(set(counts)) == 1  # every process yields the same number of batches
+    assert sorted(seen) == list(range(20))
+
+
+def test_bad_batch_sizes_are_clear_errors(dataset, tok):
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        _train(dataset[1], tok, global_batch_size=8, process_count=3)
+    with pytest.raises(ValueError, match="must be positive"):
+        _train(dataset[1], tok, global_batch_size=0)
+
+
+def test_global_batch_on_an_8_device_mesh(dataset, tok):
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    it = iter(_train(dataset[1], tok, global_batch_size=16))
+    prefetch = parallel.DevicePrefetch(it, mesh, size=2)
+    first = next(prefetch)
+    assert first["image"].shape == (16, 32, 32, 3)
+    assert len(first["image"].sharding.device_set) == 8
+    assert first["image"].sharding.spec[0] == ("data", "fsdp")
+    # The reported state is that after the batch handed out, not the prefetched ones.
+    state = prefetch.get_state()
+    second = next(prefetch)
+    again = iter(_train(dataset[1], tok, global_batch_size=16))
+    again.set_state(state)
+    assert np.array_equal(np.asarray(second["tokens"]), next(again)["tokens"])
+
+
+def test_corrupt_dataset_directory_is_a_clear_error(tmp_path):
+    config = ConfigDict(dict(name="scenes", data_dir=str(tmp_path), image_size=16, seed=0,
+                             num_train=8, num_validation=4, num_test=4))
+    builder = registry.prepare(registry.SCENES, config)
+    train_file = [p for p in builder.data_path.iterdir() if "train.array_record" in p.name][0]
+    train_file.write_bytes(train_file.read_bytes()[:100])
+    with pytest.raises(registry.DatasetError, match="incomplete or corrupt.*delete"):
+        registry.prepare(registry.SCENES, config)
+    (builder.data_path / "dataset_info.json").write_text("{not json")
+    with pytest.raises(registry.DatasetError, match="cannot open"):
+        registry.prepare(registry.SCENES, config)
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(registry.DatasetError, match="unknown dataset 'ade21k'"):
+        registry.get("ade21k")
+    with pytest.raises(registry.DatasetError, match="no split 'dev'"):
+        registry.data_source(registry.SCENES, None, "dev")
