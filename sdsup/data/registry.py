@@ -86,7 +86,10 @@ def _scenes_builder(data_config):
         num_validation=int(data_config.num_validation),
         num_test=int(data_config.num_test),
     )
-    return scenes_builder.SdsupScenes(config=config, data_dir=_data_dir(data_config))
+    # tfds wants the registered configs by name, not as an equal new object.
+    known = {c.name for c in scenes_builder.SdsupScenes.BUILDER_CONFIGS}
+    return scenes_builder.SdsupScenes(config=config.name if config.name in known else config,
+                                      data_dir=_data_dir(data_config))
 
 
 def _data_dir(data_config) -> Optional[str]:
