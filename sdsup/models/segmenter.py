@@ -1,0 +1,575 @@
+"""UperNet semantic segmenter with a ResNet backbone (ALDM's discriminator and evaluator).
+
+Two roles share this architecture:
+
+* Discriminator (ALDM, Li et al. ICLR 2024): the head predicts N + 1 classes,
+  the N semantic classes plus one extra "fake" class, which is always the LAST
+  channel (index `num_classes - 1`). Real images are trained towards their
+  semantic labels, generated images towards the fake class, and the generator
+  is trained to make the segmenter recover the layout it was conditioned on.
+  Build its config with `SegmenterConfig.with_fake_class()`.
+* Evaluation segmenter: the same network with N classes, trained on real
+  images only; its `pooled_features` also feed an FID-like feature metric.
+
+The module reproduces transformers' `UperNetForSemanticSegmentation` with a
+`ResNetBackbone` operation for operation, so that weights convert both ways
+(`sdsup/convert/segmenter.py`) and outputs agree to float32 rounding:
+
+* Inputs are images in [-1, 1] (sdsup's convention for pixels). The model maps
+  them to [0, 1] and applies the ImageNet mean/std normalisation itself, so the
+  PyTorch model, which takes already-normalised `pixel_values`, sees exactly
+  `((images + 1) / 2 - mean) / std`. Keeping this inside the model means that
+  generated images (tanh range) can be fed straight in, gradients included.
+* BatchNorm follows torch's `BatchNorm2d`: eps 1e-5, running stats updated as
+  `(1 - 0.1) * running + 0.1 * batch`, the running variance uses the unbiased
+  batch variance while normalisation uses the biased one. Under pjit the batch
+  statistics are those of the whole (global) batch, i.e. SyncBatchNorm.
+* Resampling is written out (`resize_bilinear`, `adaptive_avg_pool`) to match
+  torch's `F.interpolate(mode="bilinear", align_corners=False)` and
+  `nn.AdaptiveAvgPool2d` exactly. `jax.image.resize` agrees with torch when
+  upsampling but antialiases when downsampling, and the pyramid pooling module
+  does downsample (e.g. its 6x6 map to a 2x3 feature), so it cannot be used.
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdsup.models.partitioning import BIAS, CONV_KERNEL, NORM_PARAM, with_axes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torch.nn.BatchNorm2d defaults; transformers does not expose them.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+# transformers' UperNetFCNHead always reads the third backbone feature.
+AUX_IN_INDEX = 2
+LAYER_TYPES = ("basic", "bottleneck")
+# Bottleneck blocks squeeze to out_channels // 4 (transformers' `reduction`).
+BOTTLENECK_REDUCTION = 4
+
+
+def _tuple(x) -> Tuple:
+    return tuple(x) if x is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmenterConfig:
+    """Architecture of the UperNet + ResNet segmenter.
+
+    Field names follow transformers where one exists (`UperNetConfig.hidden_size`
+    is `head_channels` here, `num_labels` is `num_classes`).
+    """
+
+    num_classes: int = 150
+    # ResNet backbone (transformers' ResNetConfig); the stem is one 7x7/2 conv,
+    # BN, ReLU and a 3x3/2 max pool.
+    embedding_size: int = 64
+    hidden_sizes: Tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: Tuple[int, ...] = (3, 4, 6, 3)
+    layer_type: str = "bottleneck"
+    downsample_in_first_stage: bool = False
+    downsample_in_bottleneck: bool = False
+    # Backbone outputs fed to the head, from "stem", "stage1", ...; None means
+    # every stage (transformers' UperNet default).
+    out_features: Optional[Tuple[str, ...]] = None
+    # UperNet head.
+    head_channels: int = 512
+    pool_scales: Tuple[int, ...] = (1, 2, 3, 6)
+    # Optional FCN auxiliary head (training-time deep supervision in UperNet).
+    use_auxiliary_head: bool = False
+    auxiliary_channels: int = 256
+    auxiliary_num_convs: int = 1
+    auxiliary_concat_input: bool = False
+    auxiliary_in_channels: Optional[int] = None
+    # Normalisation applied to [0, 1] pixels inside the model.
+    image_mean: Tuple[float, ...] = IMAGENET_MEAN
+    image_std: Tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        # Accept lists (e.g. from JSON) but store tuples so the config hashes.
+        for name in ("hidden_sizes", "depths", "out_features", "pool_scales", "image_mean", "image_std"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        if self.layer_type not in LAYER_TYPES:
+            raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {self.layer_type!r}")
+        if len(self.depths) != len(self.hidden_sizes) or not self.depths:
+            raise ValueError(f"depths {self.depths} and hidden_sizes {self.hidden_sizes} must be non-empty and of equal length")
+        if min(self.depths) < 1:
+            # transformers silently builds one block for depth 0; refuse instead.
+            raise ValueError(f"every depth must be >= 1, got {self.depths}")
+        if self.layer_type == "bottleneck" and min(self.hidden_sizes) < BOTTLENECK_REDUCTION:
+            raise ValueError(f"bottleneck hidden sizes must be >= {BOTTLENECK_REDUCTION}, got {self.hidden_sizes}")
+        unknown = [f for f in self.feature_stages if f not in self.stage_names]
+        if unknown or not self.feature_stages:
+            raise ValueError(f"out_features {self.out_features} must be a non-empty subset of {self.stage_names}")
+        order = [self.stage_names.index(f) for f in self.feature_stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"out_features {self.out_features} must be unique and in stage order")
+        if self.num_classes < 1 or self.head_channels < 1 or not self.pool_scales or min(self.pool_scales) < 1:
+            raise ValueError("num_classes, head_channels and pool_scales must be positive")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std need one value per RGB channel")
+        if self.use_auxiliary_head:
+            if len(self.feature_stages) <= AUX_IN_INDEX:
+                raise ValueError(f"the auxiliary head reads backbone feature {AUX_IN_INDEX}; out_features has only {len(self.feature_stages)}")
+            actual = self.feature_channels[AUX_IN_INDEX]
+            if self.auxiliary_in_channels is not None and self.auxiliary_in_channels != actual:
+                # transformers would build the head and then fail at its first forward.
+                raise ValueError(f"auxiliary_in_channels={self.auxiliary_in_channels} but feature {AUX_IN_INDEX} has {actual} channels")
+            if self.auxiliary_num_convs < 0:
+                raise ValueError("auxiliary_num_convs must be >= 0")
+            if self.auxiliary_num_convs == 0 and actual != self.auxiliary_channels:
+                # With no convs the classifier (and conv_cat) see the raw feature.
+                raise ValueError("auxiliary_num_convs=0 needs auxiliary_channels equal to the input feature's channels")
+
+    @property
+    def stage_names(self) -> Tuple[str, ...]:
+        return ("stem",) + tuple(f"stage{i + 1}" for i in range(len(self.depths)))
+
+    @property
+    def stage_channels(self) -> Tuple[int, ...]:
+        return (self.embedding_size,) + self.hidden_sizes
+
+    @property
+    def feature_stages(self) -> Tuple[str, ...]:
+        return self.out_features if self.out_features is not None else self.stage_names[1:]
+
+    @property
+    def feature_indices(self) -> Tuple[int, ...]:
+        return tuple(self.stage_names.index(f) for f in self.feature_stages)
+
+    @property
+    def feature_channels(self) -> Tuple[int, ...]:
+        return tuple(self.stage_channels[i] for i in self.feature_indices)
+
+    def stage_stride(self, stage: int) -> int:
+        """Stride of the first block of `stage` (0-based)."""
+        return 2 if stage > 0 or self.downsample_in_first_stage else 1
+
+    def with_fake_class(self) -> "SegmenterConfig":
+        """The discriminator's config: one extra output class, last, meaning "fake"."""
+        return dataclasses.replace(self, num_classes=self.num_classes + 1)
+
+    # ---------------------------------------------------------------- transformers interop
+
+    @classmethod
+    def from_transformers(cls, config: Union[Mapping[str, Any], Any], **overrides) -> "SegmenterConfig":
+        """From a transformers `UperNetConfig` or its `to_dict()` / config.json form.
+
+        Only a ResNet backbone is supported. The image normalisation is not part
+        of a UperNetConfig (it lives in the image processor); pass `image_mean` /
+        `image_std` as overrides if the checkpoint used something other than
+        ImageNet statistics.
+        """
+        d = config if isinstance(config, Mapping) else config.to_dict()
+        if d.get("model_type", "upernet") != "upernet":
+            raise ValueError(f"expected an UperNet config, got model_type={d.get('model_type')!r}")
+        bb = d.get("backbone_config")
+        if bb is None:
+            bb = {}  # transformers then builds a default ResNet with all stages as outputs.
+        elif not isinstance(bb, Mapping):
+            bb = bb.to_dict()
+        if bb.get("model_type", "resnet") != "resnet":
+            raise ValueError(f"only ResNet backbones are supported, got {bb.get('model_type')!r}")
+        if bb.get("hidden_act", "relu") != "relu":
+            raise ValueError(f"only relu backbones are supported, got {bb.get('hidden_act')!r}")
+        if bb.get("num_channels", 3) != 3:
+            raise ValueError("the segmenter takes RGB images (num_channels=3)")
+        defaults = cls()
+        depths = tuple(bb.get("depths", defaults.depths))
+        stage_names = ("stem",) + tuple(f"stage{i + 1}" for i in range(len(depths)))
+        out_features = bb.get("out_features")
+        if out_features is None and bb.get("out_indices") is not None:
+            out_features = [stage_names[i] for i in bb["out_indices"]]
+        if out_features is None:
+            out_features = stage_names[1:]
+        if "num_labels" in d:
+            num_labels = d["num_labels"]
+        elif d.get("id2label") is not None:
+            num_labels = len(d["id2label"])
+        else:
+            num_labels = 2  # transformers' PreTrainedConfig default.
+        kwargs = dict(
+            num_classes=int(num_labels),
+            embedding_size=bb.get("embedding_size", defaults.embedding_size),
+            hidden_sizes=tuple(bb.get("hidden_sizes", defaults.hidden_sizes)),
+            depths=depths,
+            layer_type=bb.get("layer_type", defaults.layer_type),
+            downsample_in_first_stage=bool(bb.get("downsample_in_first_stage", False)),
+            downsample_in_bottleneck=bool(bb.get("downsample_in_bottleneck", False)),
+            out_features=tuple(out_features),
+            head_channels=d.get("hidden_size", 512),
+            pool_scales=tuple(d.get("pool_scales", (1, 2, 3, 6))),
+            use_auxiliary_head=bool(d.get("use_auxiliary_head", True)),
+            auxiliary_channels=d.get("auxiliary_channels", 256),
+            auxiliary_num_convs=d.get("auxiliary_num_convs", 1),
+            auxiliary_concat_input=bool(d.get("auxiliary_concat_input", False)),
+            auxiliary_in_channels=d.get("auxiliary_in_channels"),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_transformers(self):
+        """The equivalent transformers `UperNetConfig` (imports transformers lazily)."""
+        from transformers import ResNetConfig, UperNetConfig
+
+        backbone = ResNetConfig(
+            num_channels=3,
+            embedding_size=self.embedding_size,
+            hidden_sizes=list(self.hidden_sizes),
+            depths=list(self.depths),
+            layer_type=self.layer_type,
+            hidden_act="relu",
+            downsample_in_first_stage=self.downsample_in_first_stage,
+            downsample_in_bottleneck=self.downsample_in_bottleneck,
+            out_features=list(self.feature_stages),
+        )
+        return UperNetConfig(
+            backbone_config=backbone,
+            hidden_size=self.head_channels,
+            pool_scales=list(self.pool_scales),
+            num_labels=self.num_classes,
+            use_auxiliary_head=self.use_auxiliary_head,
+            auxiliary_channels=self.auxiliary_channels,
+            auxiliary_num_convs=self.auxiliary_num_convs,
+            auxiliary_concat_input=self.auxiliary_concat_input,
+            auxiliary_in_channels=self.auxiliary_in_channels,
+        )
+
+
+# -------------------------------------------------------------------- resampling
+
+
+def _bilinear_taps(in_size: int, out_size: int):
+    """Source indices and weights of torch's bilinear, align_corners=False, size given.
+
+    torch: scale = in / out (in float32), src = max(scale * (dst + 0.5) - 0.5, 0),
+    i0 = floor(src), i1 = min(i0 + 1, in - 1), w1 = src - i0, w0 = 1 - w1.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    return i0, i1, np.float32(1) - w1, w1
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Resize NHWC `x` to spatial `size` like torch's F.interpolate(bilinear, align_corners=False).
+
+    Separable: width first, then height, which evaluates torch's
+    h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11) term for term.
+    Works for up- and downsampling (no antialiasing, as in torch).
+    """
+    for axis, out in ((2, size[1]), (1, size[0])):
+        n = x.shape[axis]
+        if n == out:
+            continue  # torch's taps are the identity here too.
+        i0, i1, w0, w1 = _bilinear_taps(n, out)
+        bshape = [1] * x.ndim
+        bshape[axis] = out
+        w0 = jnp.asarray(w0, x.dtype).reshape(bshape)
+        w1 = jnp.asarray(w1, x.dtype).reshape(bshape)
+        x = w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis)
+    return x
+
+
+def _pool_bins(in_size: int, out_size: int) -> np.ndarray:
+    """0/1 matrix [out, in] of torch's adaptive pooling bins.
+
+    torch: start = floor(i * in / out), end = ceil((i + 1) * in / out); bins
+    overlap when in is not a multiple of out and repeat when out > in.
+    """
+    m = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0
+    return m
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """torch's nn.AdaptiveAvgPool2d(size) for NHWC `x`, computed in float32.
+
+    Bin sums are a contraction with 0/1 matrices (exact in float32 at HIGHEST
+    precision), then divided by the bin area, as torch does.
+    """
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mh = _pool_bins(x.shape[1], size)
+    mw = _pool_bins(x.shape[2], size)
+    hi = jax.lax.Precision.HIGHEST
+    sums = jnp.einsum("oh,bhwc->bowc", mh, x, precision=hi)
+    sums = jnp.einsum("pw,bowc->bopc", mw, sums, precision=hi)
+    area = np.outer(mh.sum(1), mw.sum(1))[None, :, :, None]
+    return (sums / area).astype(dtype)
+
+
+# -------------------------------------------------------------------- layers
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d over the last axis of NHWC inputs.
+
+    Parameters `scale`/`bias` (torch weight/bias); `batch_stats` hold `mean`,
+    `var` (torch running_mean/running_var) and `num_batches_tracked`, kept so
+    that checkpoints round-trip to PyTorch exactly. Statistics are computed in
+    float32 whatever the compute dtype.
+    """
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", with_axes(nn.initializers.ones, NORM_PARAM), (c,), self.param_dtype)
+        bias = self.param("bias", with_axes(nn.initializers.zeros, NORM_PARAM), (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", with_axes(jnp.zeros, NORM_PARAM), (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", with_axes(jnp.ones, NORM_PARAM), (c,), jnp.float32)
+        count = self.variable("batch_stats", "num_batches_tracked", with_axes(jnp.zeros, ()), (), jnp.int32)
+        xf = x.astype(jnp.float32)
+        if train:
+            n = x.size // c
+            if n < 2:
+                # torch raises too: the unbiased running variance is undefined.
+                raise ValueError(f"BatchNorm in train mode needs more than 1 value per channel, got input {x.shape}")
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            # Two-pass variance: E[x^2] - E[x]^2 loses digits on large-mean activations.
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                m = BN_MOMENTUM
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
+                count.value = count.value + 1
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        y = (xf - mean) * jax.lax.rsqrt(var + BN_EPS) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False, name: Optional[str] = None,
+          dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+          kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal")) -> nn.Conv:
+    # Symmetric kernel // 2 padding, as both transformers' ResNet and UperNet convs use.
+    p = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((p, p), (p, p)),
+        use_bias=use_bias,
+        kernel_init=with_axes(kernel_init, CONV_KERNEL),
+        bias_init=with_axes(nn.initializers.zeros, BIAS),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class ConvNorm(nn.Module):
+    """Conv (no bias) -> BatchNorm -> optional ReLU: transformers' ResNetConvLayer / UperNetConvModule."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    relu: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = _conv(self.features, self.kernel, self.stride, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x, train)
+        return nn.relu(x) if self.relu else x
+
+
+class ResNetBlock(nn.Module):
+    """Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 at features // 4) residual block."""
+
+    features: int
+    stride: int
+    bottleneck: bool
+    downsample_in_bottleneck: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        residual = x
+        # Projection shortcut only where the identity does not fit (as transformers).
+        if x.shape[-1] != self.features or self.stride != 1:
+            residual = ConvNorm(self.features, 1, self.stride, relu=False, name="shortcut", **kw)(x, train)
+        if self.bottleneck:
+            r = self.features // BOTTLENECK_REDUCTION
+            s1, s3 = (self.stride, 1) if self.downsample_in_bottleneck else (1, self.stride)
+            h = ConvNorm(r, 1, s1, name="layer_0", **kw)(x, train)
+            h = ConvNorm(r, 3, s3, name="layer_1", **kw)(h, train)
+            h = ConvNorm(self.features, 1, relu=False, name="layer_2", **kw)(h, train)
+        else:
+            h = ConvNorm(self.features, 3, self.stride, name="layer_0", **kw)(x, train)
+            h = ConvNorm(self.features, 3, relu=False, name="layer_1", **kw)(h, train)
+        return nn.relu(h + residual)
+
+
+class ResNetBackbone(nn.Module):
+    """Returns every stage's output: (stem after max pool, stage1, ..., stageK)."""
+
+    config: SegmenterConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> Tuple[jax.Array, ...]:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ConvNorm(cfg.embedding_size, 7, 2, name="embedder", **kw)(x, train)
+        # Padding with -inf, as torch's MaxPool2d(3, 2, padding=1).
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        hidden = [x]
+        for i, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
+            for j in range(depth):
+                x = ResNetBlock(
+                    width,
+                    cfg.stage_stride(i) if j == 0 else 1,
+                    cfg.layer_type == "bottleneck",
+                    cfg.downsample_in_bottleneck,
+                    name=f"stage_{i}_block_{j}",
+                    **kw,
+                )(x, train)
+            hidden.append(x)
+        return tuple(hidden)
+
+
+class UperNetHead(nn.Module):
+    """Pyramid pooling on the last feature + FPN over the others, fused, then a 1x1 classifier."""
+
+    channels: int
+    pool_scales: Tuple[int, ...]
+    num_classes: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ch = self.channels
+        laterals = [ConvNorm(ch, 1, name=f"lateral_{i}", **kw)(f, train) for i, f in enumerate(features[:-1])]
+
+        top = features[-1]
+        size = top.shape[1:3]
+        psp = [top]
+        for i, s in enumerate(self.pool_scales):
+            pooled = ConvNorm(ch, 1, name=f"psp_{i}", **kw)(adaptive_avg_pool(top, s), train)
+            psp.append(resize_bilinear(pooled, size))
+        laterals.append(ConvNorm(ch, 3, name="bottleneck", **kw)(jnp.concatenate(psp, -1), train))
+
+        # Top-down: each level adds the (already updated) coarser level.
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
+
+        outs = [ConvNorm(ch, 3, name=f"fpn_{i}", **kw)(laterals[i], train) for i in range(len(laterals) - 1)]
+        outs.append(laterals[-1])
+        size = outs[0].shape[1:3]
+        outs = [outs[0]] + [resize_bilinear(o, size) for o in outs[1:]]
+        x = ConvNorm(ch, 3, name="fpn_bottleneck", **kw)(jnp.concatenate(outs, -1), train)
+        # mmseg initialises the segmentation conv with N(0, 0.01).
+        return _conv(self.num_classes, 1, use_bias=True, name="classifier",
+                     kernel_init=nn.initializers.normal(0.01), **kw)(x)
+
+
+class FCNHead(nn.Module):
+    """transformers' UperNetFCNHead: convs on one feature (+ optional concat), 1x1 classifier."""
+
+    channels: int
+    num_convs: int
+    concat_input: bool
+    num_classes: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, feature: jax.Array, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = feature
+        for k in range(self.num_convs):
+            h = ConvNorm(self.channels, 3, name=f"conv_{k}", **kw)(h, train)
+        if self.concat_input:
+            h = ConvNorm(self.channels, 3, name="conv_cat", **kw)(jnp.concatenate([feature, h], -1), train)
+        return _conv(self.num_classes, 1, use_bias=True, name="classifier",
+                     kernel_init=nn.initializers.normal(0.01), **kw)(h)
+
+
+class UperNetSegmenter(nn.Module):
+    """UperNet + ResNet segmenter on images in [-1, 1].
+
+    `__call__(images, train)` returns float32 logits [B, H, W, num_classes] at
+    the input resolution. For a discriminator, `num_classes = N + 1` and the
+    last channel is "fake" (see module docstring).
+
+    `train=True` normalises with batch statistics and updates the running
+    statistics: apply with `mutable=["batch_stats"]`. `train=False` uses the
+    running statistics.
+    """
+
+    config: SegmenterConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.backbone = ResNetBackbone(cfg, **kw)
+        self.decode_head = UperNetHead(cfg.head_channels, cfg.pool_scales, cfg.num_classes, **kw)
+        if cfg.use_auxiliary_head:
+            self.auxiliary_head = FCNHead(
+                cfg.auxiliary_channels, cfg.auxiliary_num_convs, cfg.auxiliary_concat_input, cfg.num_classes, **kw
+            )
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """[-1, 1] -> [0, 1] -> (x - mean) / std: the PyTorch model's `pixel_values`."""
+        mean = jnp.asarray(self.config.image_mean, jnp.float32)
+        std = jnp.asarray(self.config.image_std, jnp.float32)
+        x = (images.astype(jnp.float32) + 1.0) * 0.5
+        return ((x - mean) / std).astype(self.dtype)
+
+    def __call__(self, images: jax.Array, train: bool, return_aux: bool = False):
+        """Logits [B, H, W, num_classes]; with `return_aux`, also the auxiliary head's logits.
+
+        When the config has an auxiliary head it always runs (as in PyTorch),
+        so that in train mode its BatchNorm statistics advance like PyTorch's;
+        in eval mode XLA removes it if its output is unused.
+        """
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
+        cfg = self.config
+        size = images.shape[1:3]
+        hidden = self.backbone(self.normalize(images), train)
+        features = [hidden[i] for i in cfg.feature_indices]
+        logits = resize_bilinear(self.decode_head(features, train).astype(jnp.float32), size)
+        aux = None
+        if cfg.use_auxiliary_head:
+            aux = resize_bilinear(self.auxiliary_head(features[AUX_IN_INDEX], train).astype(jnp.float32), size)
+        if return_aux:
+            if aux is None:
+                raise ValueError("return_aux=True but the config has no auxiliary head")
+            return logits, aux
+        return logits
+
+    def pooled_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Global-average-pooled last backbone stage, float32 [B, hidden_sizes[-1]].
+
+        This is transformers' ResNetModel `pooler_output` (flattened); the
+        FID-like segmenter-feature metric uses it. Apply with
+        `method=UperNetSegmenter.pooled_features`.
+        """
+        hidden = self.backbone(self.normalize(images), train)
+        return jnp.mean(hidden[-1].astype(jnp.float32), axis=(1, 2))
