@@ -17,8 +17,11 @@ from absl import logging
 
 from sdsup.errors import SdsupError
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+PAD, BOS, UNK, EOS = "<pad>", "<bos>", "<unk>", "<eos>"
+# EOS is deliberately not id 2: transformers' CLIPTextModel pools with the
+# legacy argmax-of-ids rule when eos_token_id == 2, which would break the
+# pooled output of an exported scenes text encoder.
+SPECIAL_TOKENS = (PAD, BOS, UNK, EOS)
 SCENES_VOCAB_FILE = "scenes_vocab.txt"
 
 _WORD = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
@@ -41,7 +44,7 @@ class WordTokenizer:
         self.vocab = tuple(vocab)
         self.ids = {w: i for i, w in enumerate(self.vocab)}
         self.max_length = int(max_length)
-        self.pad_id, self.bos_id, self.eos_id, self.unknown_id = (self.ids[t] for t in SPECIAL_TOKENS)
+        self.pad_id, self.bos_id, self.unknown_id, self.eos_id = (self.ids[t] for t in SPECIAL_TOKENS)
 
     @classmethod
     def from_file(cls, path: str, max_length: int) -> "WordTokenizer":
