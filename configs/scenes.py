@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("data",)
+  c.stages = ("data", "vae", "ldm")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "scenes"
@@ -57,6 +57,57 @@ def get_config(arg: str = ""):
 
   # -1: all remaining devices. Product must equal the device count.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # Stage `vae`: autoencoder with 4x downsampling (64x64 images -> 16x16x4 latents).
+  c.vae = ml_collections.ConfigDict()
+  c.vae.pretrained = config_dict.placeholder(str)  # an sdsup model dir to use instead of training
+  c.vae.model = ml_collections.ConfigDict(dict(
+      block_out_channels=(16, 32, 32) if smoke else (32, 64, 64), layers_per_block=1, latent_channels=4,
+      norm_num_groups=8 if smoke else 16, mid_block_add_attention=True, remat=False))
+  c.vae.num_steps = 30 if smoke else 1200
+  c.vae.batch_size = 8 if smoke else 32
+  c.vae.micro_batches = 1
+  c.vae.optimizer = ml_collections.ConfigDict(dict(
+      lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 100, weight_decay=0.0, grad_clip=1.0))
+  c.vae.l1_weight = 1.0
+  c.vae.l2_weight = 1.0
+  c.vae.kl_weight = 1e-6
+  c.vae.log_every = 10 if smoke else 100
+  c.vae.checkpoint_every = 1000
+  c.vae.keep_checkpoints = 2
+
+  # Noise schedule shared by every diffusion stage (Stable Diffusion 1.5's).
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      prediction_type="epsilon"))
+  # Sampling for pictures and evaluation: DDIM, eta 0, classifier-free guidance.
+  c.sampling = ml_collections.ConfigDict(dict(steps=10 if smoke else 25, eta=0.0, guidance=3.0))
+
+  # Stage `ldm`: text encoder + latent UNet, trained jointly on the VAE's latents.
+  c.ldm = ml_collections.ConfigDict()
+  c.ldm.pretrained = config_dict.placeholder(str)  # a `sdsup.convert import` dir with unet/ and text_encoder/
+  c.ldm.text_encoder = ml_collections.ConfigDict(dict(
+      hidden_size=32 if smoke else 64, intermediate_size=64 if smoke else 128, num_hidden_layers=1 if smoke else 2,
+      num_attention_heads=2 if smoke else 4, projection_dim=32 if smoke else 64, hidden_act="quick_gelu"))
+  if smoke:
+    unet = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, norm_num_groups=8)
+  else:
+    unet = dict(block_out_channels=(32, 64, 96),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=4, norm_num_groups=16)
+  c.ldm.unet = ml_collections.ConfigDict(dict(unet, layers_per_block=1, remat=False))
+  c.ldm.num_steps = 30 if smoke else 3000
+  c.ldm.batch_size = 8 if smoke else 32
+  c.ldm.micro_batches = 1
+  c.ldm.caption_dropout = 0.1
+  c.ldm.ema_decay = 0.99 if smoke else 0.999
+  c.ldm.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 200, weight_decay=0.0, grad_clip=1.0))
+  c.ldm.log_every = 10 if smoke else 100
+  c.ldm.checkpoint_every = 1000
+  c.ldm.keep_checkpoints = 2
 
   # Persistent XLA compilation cache; None means ~/.cache/sdsup/jax.
   c.jax_cache_dir = config_dict.placeholder(str)

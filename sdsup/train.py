@@ -10,6 +10,7 @@ The logic lives in libraries (`sdsup.stages`, `sdsup.data`, `sdsup.parallel`);
 this file only wires flags to them.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -29,6 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     # TensorFlow (tfds, clu) must never take an accelerator from JAX.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
@@ -65,6 +67,15 @@ def main(argv):
         stages.run_all(stages.Context(config=config, workdir=workdir, mesh=mesh), only=_ONLY.value)
     except SdsupError as e:
         sys.exit(f"error: {e}")
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops the INFO chatter of orbax and tfds (hundreds of lines a run); keeps warnings."""
+
+    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or not any(p in record.pathname for p in self._NOISY)
 
 
 def _parse_flags(argv):

@@ -93,7 +93,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 def test_smoke_data_stage_runs_then_is_skipped(tmp_path):
     workdir, data_dir = tmp_path / "wd", tmp_path / "tfds"
-    args = ["--config=configs/scenes.py:smoke", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+    args = ["--config=configs/scenes.py:smoke", "--only=data", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
             "--config.data.num_train=64", "--config.data.num_validation=16", "--config.data.num_test=16"]
     result = _train(*args)
     assert result.returncode == 0, result.stderr[-3000:]

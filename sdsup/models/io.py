@@ -1,0 +1,104 @@
+"""sdsup model files: one directory per model, `config.json` + `params.safetensors`.
+
+This is what a finished stage leaves for the next one, what
+`python -m sdsup.convert import` writes from a diffusers directory, and what
+`python -m sdsup.convert export` reads. Parameters are stored flat, keys
+joined with "/", exactly as Flax names them; safetensors only, never pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from sdsup.errors import SdsupError
+
+CONFIG_FILE, PARAMS_FILE = "config.json", "params.safetensors"
+
+
+class ModelFileError(SdsupError):
+    pass
+
+
+def _config_classes() -> Dict[str, Any]:
+    from sdsup.models import clip_text, controlnet, segmenter, unet, vae
+
+    return {
+        "unet": unet.UNetConfig,
+        "vae": vae.VAEConfig,
+        "controlnet": controlnet.ControlNetConfig,
+        "text_encoder": clip_text.CLIPTextConfig,
+        "segmenter": segmenter.SegmenterConfig,
+    }
+
+
+def config_to_dict(config: Any) -> dict:
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return plain(config)
+
+
+def config_from_dict(kind: str, d: dict) -> Any:
+    classes = _config_classes()
+    if kind not in classes:
+        raise ModelFileError(f"unknown model kind {kind!r}; known: {sorted(classes)}")
+    cls = classes[kind]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in d.items():
+        if name not in fields:
+            raise ModelFileError(f"{kind} config has an unknown field {name!r}")
+        if dataclasses.is_dataclass(fields[name].type) or name == "unet":
+            from sdsup.models.unet import UNetConfig  # the conditioner embeds a UNet config
+
+            value = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        elif isinstance(value, list):
+            value = tuple(tuple(x) if isinstance(x, list) else x for x in value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def save(directory: str, kind: str, config: Any, params: Any, extra: Dict[str, Any] = None) -> None:
+    """Writes a model directory; `params` is the (unboxed) parameter tree."""
+    os.makedirs(directory, exist_ok=True)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
+    tmp = os.path.join(directory, PARAMS_FILE + ".tmp")
+    save_file(arrays, tmp)
+    os.replace(tmp, os.path.join(directory, PARAMS_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump({"kind": kind, "config": config_to_dict(config), **(extra or {})}, f, indent=2)
+
+
+def load(directory: str) -> Tuple[str, Any, Any, dict]:
+    """(kind, config, params, extra) from a model directory, with clear errors."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    params_path = os.path.join(directory, PARAMS_FILE)
+    for path in (config_path, params_path):
+        if not os.path.exists(path):
+            raise ModelFileError(f"model directory {directory} has no {os.path.basename(path)}")
+    try:
+        with open(config_path) as f:
+            meta = json.load(f)
+        kind = meta.pop("kind")
+        config = config_from_dict(kind, meta.pop("config"))
+    except ModelFileError:
+        raise
+    except Exception as e:
+        raise ModelFileError(f"{config_path} is not a valid sdsup model config: {type(e).__name__}: {e}") from e
+    try:
+        flat = load_file(params_path)
+    except Exception as e:
+        raise ModelFileError(f"{params_path} is unreadable: {type(e).__name__}: {e}") from e
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    return kind, config, params, meta

@@ -1,0 +1,147 @@
+"""Pieces every training stage uses: batches, tokenizer, optimisers, EMA, accumulation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sdsup import parallel, stages
+from sdsup.data import pipeline, registry, tokenizers
+
+
+def dataset(ctx: stages.Context):
+    """(spec, builder) of the config's dataset, built if needed, shared by stages."""
+    from sdsup.stages.data import prepare_dataset
+
+    return prepare_dataset(ctx)
+
+
+def tokenizer(ctx: stages.Context):
+    if "tokenizer" not in ctx.cache:
+        t = ctx.config.text
+        ctx.cache["tokenizer"] = tokenizers.build(t.tokenizer, max_length=t.max_length, path=t.tokenizer_path)
+    return ctx.cache["tokenizer"]
+
+
+def train_batches(ctx: stages.Context, seed: int, data_state: Optional[dict] = None,
+                  global_batch_size: Optional[int] = None) -> parallel.DevicePrefetch:
+    """Global training batches on the mesh, resumable from `data_state`."""
+    spec, builder = dataset(ctx)
+    source = registry.data_source(spec, builder, "train")
+    inp = ctx.config.input
+    ds = pipeline.train_dataset(
+        source, tokenizer=tokenizer(ctx), global_batch_size=global_batch_size or inp.batch_size, seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), flip=inp.flip,
+        caption_field=spec.caption_field, num_threads=inp.num_threads, prefetch=inp.prefetch)
+    it = iter(ds)
+    if data_state:
+        it.set_state(data_state)
+    return parallel.DevicePrefetch(it, ctx.mesh, inp.device_prefetch)
+
+
+def learning_rate(opt_cfg, num_steps: int) -> optax.Schedule:
+    lr, warmup = float(opt_cfg.lr), int(opt_cfg.get("warmup_steps", 0))
+    kind = opt_cfg.get("schedule", "constant")
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]) \
+            if warmup else optax.constant_schedule(lr)
+    if kind == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(num_steps, warmup + 1))
+    if kind == "one_cycle":  # ALDM's segmenter schedule
+        return optax.cosine_onecycle_schedule(max(num_steps, 2), lr)
+    raise ValueError(f"unknown learning-rate schedule {kind!r}")
+
+
+def optimizer(opt_cfg, num_steps: int) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and the configured schedule."""
+    schedule = learning_rate(opt_cfg, num_steps)
+    parts = []
+    if opt_cfg.get("grad_clip", 0):
+        parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip)))
+    parts.append(optax.adamw(schedule, b1=float(opt_cfg.get("b1", 0.9)), b2=float(opt_cfg.get("b2", 0.999)),
+                             eps=float(opt_cfg.get("eps", 1e-8)),
+                             weight_decay=float(opt_cfg.get("weight_decay", 0.0))))
+    return optax.chain(*parts), schedule
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)
+
+
+def micro_batches(batch: dict, num: int) -> dict:
+    """[B, ...] -> [num, B // num, ...] for `lax.scan` over micro-batches."""
+    def split(x):
+        if x.shape[0] % num:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {num} micro-batches")
+        return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_and_grad: Callable, params: Any, batch: dict, rng: jax.Array,
+                         num_micro: int) -> Tuple[Any, Any]:
+    """Mean of (aux, grads) of `loss_and_grad(params, micro_batch, rng)` over micro-batches.
+
+    With num_micro == 1 it is a plain call; otherwise a `lax.scan` keeps one
+    micro-batch's activations alive at a time.
+    """
+    if num_micro == 1:
+        return loss_and_grad(params, batch, rng)
+    micro = micro_batches(batch, num_micro)
+    aux0, g0 = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (aux0, g0))
+
+    def body(carry, xs):
+        mb, i = xs
+        aux, grads = loss_and_grad(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(lambda a, b: a + b / num_micro, carry, (aux, grads)), None
+
+    (aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(num_micro)))
+    return aux, grads
+
+
+def images_to_float(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def abstract_batch(ctx: stages.Context, batch_size: int) -> dict:
+    """Shapes, dtypes and shardings of a training batch, for ahead-of-time compiles."""
+    s, length = ctx.config.data.image_size, ctx.config.text.max_length
+    shapes = {"image": ((batch_size, s, s, 3), jnp.uint8), "label": ((batch_size, s, s), jnp.uint8),
+              "tokens": ((batch_size, length), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(ctx.mesh, len(shape)))
+            for k, (shape, dtype) in shapes.items()}
+
+
+def compile_step(step: Callable, state: Any, ctx: stages.Context, batch_size: int, *frozen: Any):
+    """The step compiled ahead of time (`.lower(...).compile()`) for this mesh.
+
+    `step(state, batch, rng, *frozen)`; the frozen inputs (weights of models
+    that do not train in this stage) are bound here, so the result has the
+    loop's signature `(state, batch, rng)`. The per-step rng is placed
+    replicated on the mesh, as the compiled executable expects.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    replicated = NamedSharding(ctx.mesh, P())
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    compiled = step.lower(state, abstract_batch(ctx, batch_size), rng, *frozen).compile()
+
+    def call(state, batch, rng):
+        return compiled(state, batch, jax.device_put(rng, replicated), *frozen)
+
+    call.compiled = compiled
+    call.cost_analysis = compiled.cost_analysis
+    return call
+
+
+def place(init_fn: Callable, params: Any, mesh) -> Any:
+    """Puts loaded (host) parameters on the mesh with the shardings their model's
+    logical axis names give; `init_fn()` returns the model's boxed params."""
+    from sdsup.trainer import sharding
+
+    shardings = sharding.logical_shardings(jax.eval_shape(init_fn), mesh)
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)

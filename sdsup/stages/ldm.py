@@ -1,0 +1,214 @@
+"""Stage `ldm`: the text-conditional latent UNet (and, for the scenes, its text encoder).
+
+On the scenes both are trained here, on the frozen VAE's latents, with the
+noise-prediction loss and caption dropout (the empty prompt, for
+classifier-free guidance). At scale this stage takes the pretrained SD UNet
+and CLIP text encoder instead (`config.ldm.pretrained`, a directory written
+by `python -m sdsup.convert import`). Leaves `WORKDIR/ldm/unet/`,
+`WORKDIR/ldm/text_encoder/` (EMA weights) and `WORKDIR/ldm/samples.png`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sdsup import stages, viz
+from sdsup.data import pipeline, registry
+from sdsup.diffusion import samplers
+from sdsup.diffusion import schedule as schedule_lib
+from sdsup.models import io as model_io
+from sdsup.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from sdsup.models.unet import UNet2DConditionModel, UNetConfig
+from sdsup.models.vae import AutoencoderKL
+from sdsup.stages import common
+from sdsup.stages import vae as vae_stage
+from sdsup.trainer import loop, sharding
+
+NAME = "ldm"
+
+
+def _tuples(d) -> dict:
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
+
+
+def model_configs(ctx: stages.Context):
+    """(UNetConfig, CLIPTextConfig) for this run, sized from the VAE and tokenizer."""
+    c = ctx.config.ldm
+    vae_config = vae_stage.model_config(ctx)
+    tok = common.tokenizer(ctx)
+    text = CLIPTextConfig(**_tuples(c.text_encoder), vocab_size=tok.vocab_size,
+                          max_position_embeddings=ctx.config.text.max_length,
+                          pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    unet = UNetConfig(**_tuples(c.unet), in_channels=vae_config.latent_channels,
+                      out_channels=vae_config.latent_channels, cross_attention_dim=text.hidden_size,
+                      sample_size=ctx.config.data.image_size // vae_config.downsample_factor)
+    return unet, text
+
+
+def noise_schedule(ctx: stages.Context) -> schedule_lib.NoiseSchedule:
+    s = ctx.config.diffusion
+    return schedule_lib.make_schedule(s.schedule, s.num_train_timesteps, s.beta_start, s.beta_end, s.prediction_type)
+
+
+def load(ctx: stages.Context):
+    """{"unet": (config, params), "text_encoder": (config, params)} of the finished stage."""
+    out = {}
+    for name in ("unet", "text_encoder"):
+        _, config, params, _ = model_io.load(os.path.join(ctx.workdir, NAME, name))
+        out[name] = (config, params)
+    return out
+
+
+def encode_text(text_model: CLIPTextTransformer, params, tokens, pad_id: int):
+    """Last hidden states of the text encoder; padding is masked from attention."""
+    return text_model.apply({"params": params}, tokens, attention_mask=tokens != pad_id).last_hidden_state
+
+
+def make_step(unet, text_model, vae, tx, cfg, schedule, empty_tokens, pad_id, shardings):
+    num_t = schedule.num_train_timesteps
+
+    def loss_fn(params, batch, rng, vae_params):
+        rng_z, rng_drop, rng_t, rng_n = jax.random.split(rng, 4)
+        x = common.images_to_float(batch["image"])
+        posterior = vae.apply({"params": vae_params}, x, method=vae.encode)
+        z0 = jax.lax.stop_gradient(vae.scale_latents(posterior.sample(rng_z)))
+        drop = jax.random.uniform(rng_drop, (x.shape[0], 1)) < cfg.caption_dropout
+        tokens = jnp.where(drop, empty_tokens[None, :], batch["tokens"])
+        context = encode_text(text_model, params["text_encoder"], tokens, pad_id)
+        t = jax.random.randint(rng_t, (x.shape[0],), 0, num_t)
+        noise = jax.random.normal(rng_n, z0.shape, z0.dtype)
+        z_t = schedule_lib.add_noise(schedule, z0, noise, t)
+        pred = unet.apply({"params": params["unet"]}, z_t, t, context).astype(jnp.float32)
+        loss = jnp.mean(jnp.square(pred - schedule_lib.training_target(schedule, z0, noise, t)))
+        return loss, {"loss": loss, "loss/noise": loss}
+
+    def step(state, batch, rng, vae_params):
+        def lg(params, b, r):
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, b, r, vae_params)
+            return metrics, grads
+
+        metrics, grads = common.accumulate_gradients(lg, state["params"], batch, rng, cfg.micro_batches)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        ema = common.ema_update(state["ema"], params, cfg.ema_decay)
+        return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, metrics
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
+
+
+@stages.register(NAME)
+def run(ctx: stages.Context) -> dict:
+    cfg = ctx.config.ldm
+    out = ctx.stage_dir(NAME)
+    if cfg.pretrained:
+        for name, kind in (("unet", "unet"), ("text_encoder", "text_encoder")):
+            got, config, params, _ = model_io.load(os.path.join(cfg.pretrained, name))
+            if got != kind:
+                raise model_io.ModelFileError(f"{cfg.pretrained}/{name} holds a {got}, not a {kind}")
+            model_io.save(os.path.join(out, name), kind, config, params)
+        return {"pretrained": cfg.pretrained}
+
+    unet_config, text_config = model_configs(ctx)
+    unet, text_model = UNet2DConditionModel(unet_config), CLIPTextTransformer(text_config)
+    vae_config, vae_params = vae_stage.load(ctx)
+    vae = AutoencoderKL(vae_config)
+    size = ctx.config.data.image_size
+    latent = size // vae_config.downsample_factor
+    tok = common.tokenizer(ctx)
+    tx, _ = common.optimizer(cfg.optimizer, cfg.num_steps)
+    schedule = noise_schedule(ctx)
+
+    def init_params(rng):
+        r1, r2 = jax.random.split(rng)
+        tokens = jnp.zeros((1, ctx.config.text.max_length), jnp.int32)
+        context = jnp.zeros((1, ctx.config.text.max_length, text_config.hidden_size), jnp.float32)
+        return {
+            "unet": unet.init(r1, jnp.zeros((1, latent, latent, vae_config.latent_channels)), jnp.zeros((1,), jnp.int32),
+                              context)["params"],
+            "text_encoder": text_model.init(r2, tokens)["params"],
+        }
+
+    def init(rng):
+        params = init_params(rng)
+        return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
+
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
+    vae_params = common.place(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
+                              vae_params, ctx.mesh)
+    empty = jnp.asarray(tok.encode(""))
+    step = make_step(unet, text_model, vae, tx, cfg, schedule, empty, tok.pad_id, shardings)
+    compiled = common.compile_step(step, state, ctx, cfg.batch_size, vae_params)
+    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 11, data_state=data_state,
+                                                       global_batch_size=cfg.batch_size)
+    state = loop.run(
+        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
+        rng=jax.random.PRNGKey(ctx.config.seed + 12), num_steps=cfg.num_steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
+        peak_tflops=ctx.config.get("peak_tflops"))
+
+    ema = jax.device_get(state["ema"])
+    if jax.process_index() == 0:
+        model_io.save(os.path.join(out, "unet"), "unet", unet_config, ema["unet"])
+        model_io.save(os.path.join(out, "text_encoder"), "text_encoder", text_config, ema["text_encoder"])
+        _sample_grid(ctx, unet, text_model, vae, ema, vae_params, schedule, os.path.join(out, "samples.png"))
+    return {"steps": cfg.num_steps}
+
+
+def _sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, path, num: int = 6):
+    """Validation captions -> images (DDIM + CFG), next to the real images."""
+    spec, builder = common.dataset(ctx)
+    tok = common.tokenizer(ctx)
+    batch = next(pipeline.eval_batches(registry.data_source(spec, builder, "validation"), tokenizer=tok,
+                                       global_batch_size=num))
+    images = generate(ctx, unet, text_model, vae, params, vae_params, schedule, jnp.asarray(batch["tokens"]),
+                      jax.random.PRNGKey(0))
+    rows = [{"caption": c, "panels": [real, gen]} for c, real, gen in zip(batch["caption"], batch["image"], images)]
+    viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id), path)
+
+
+def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, rng, residuals_fn=None):
+    """Tokens [B, L] -> uint8 images [B, H, W, 3] with DDIM and classifier-free guidance.
+
+    `residuals_fn(z, t)`, when given, returns the conditioner's (down, mid)
+    residuals for a batch of latents; it is applied to both CFG branches (the
+    layout stays in the unconditional branch, as in ALDM).
+    """
+    s = ctx.config.sampling
+    tok = common.tokenizer(ctx)
+    vae_config = vae.config
+    latent = ctx.config.data.image_size // vae_config.downsample_factor
+    empty = jnp.broadcast_to(jnp.asarray(tok.encode("")), tokens.shape)
+
+    @jax.jit
+    def run(params, vae_params, tokens, empty, rng):
+        cond = encode_text(text_model, params["text_encoder"], tokens, tok.pad_id)
+        uncond = encode_text(text_model, params["text_encoder"], empty, tok.pad_id)
+
+        def eps(z, t):
+            both = jnp.concatenate([cond, uncond]) if s.guidance != 1.0 else cond
+            zz = jnp.concatenate([z, z]) if s.guidance != 1.0 else z
+            tt = jnp.concatenate([t, t]) if s.guidance != 1.0 else t
+            extra = {}
+            if residuals_fn is not None:
+                down, mid = residuals_fn(zz, tt)
+                extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            out = unet.apply({"params": params["unet"]}, zz, tt, both, **extra)
+            if s.guidance == 1.0:
+                return out
+            c, u = jnp.split(out, 2)
+            return u + s.guidance * (c - u)
+
+        z = jax.random.normal(rng, (tokens.shape[0], latent, latent, vae_config.latent_channels))
+        z = samplers.ddim_sample(eps, schedule, z, s.steps, eta=s.eta)
+        x = vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode)
+        return jnp.clip((x + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
+
+    return np.asarray(run(params, vae_params, tokens, empty, rng))

@@ -1,0 +1,134 @@
+"""Stage `vae`: the autoencoder, trained on the dataset's images (or taken pretrained).
+
+Loss: L1 + L2 reconstruction + kl_weight * KL (no perceptual loss: no
+pretrained feature network exists offline). After training, the latent
+scaling factor is set to 1 / std of the latents over training images (the
+rule Stable Diffusion's 0.18215 came from), so the diffusion stages see
+latents of unit variance. Leaves `WORKDIR/vae/model/` (sdsup model files) and
+`WORKDIR/vae/reconstructions.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sdsup import stages, viz
+from sdsup.data import pipeline, registry
+from sdsup.models import io as model_io
+from sdsup.models.vae import AutoencoderKL, VAEConfig
+from sdsup.stages import common
+from sdsup.trainer import loop, sharding
+
+NAME = "vae"
+
+
+def model_config(ctx: stages.Context) -> VAEConfig:
+    m = ctx.config.vae.model
+    return VAEConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in m.items()},
+                     sample_size=ctx.config.data.image_size)
+
+
+def load(ctx: stages.Context):
+    """(VAEConfig, params) of the finished stage (trained or pretrained)."""
+    _, config, params, _ = model_io.load(os.path.join(ctx.workdir, NAME, "model"))
+    return config, params
+
+
+def make_step(vae: AutoencoderKL, tx, cfg, shardings):
+    def loss_fn(params, batch, rng):
+        x = common.images_to_float(batch["image"])
+        posterior = vae.apply({"params": params}, x, method=vae.encode)
+        rec = vae.apply({"params": params}, posterior.sample(rng), method=vae.decode).astype(jnp.float32)
+        l1 = jnp.mean(jnp.abs(rec - x))
+        l2 = jnp.mean(jnp.square(rec - x))
+        kl = jnp.mean(posterior.kl())
+        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(l2, 1e-10))  # images span [-1, 1]
+        return loss, {"loss": loss, "loss/l1": l1, "loss/l2": l2, "loss/kl": kl, "psnr": psnr}
+
+    def step(state, batch, rng):
+        def lg(params, b, r):
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, b, r)
+            return metrics, grads
+
+        metrics, grads = common.accumulate_gradients(lg, state["params"], batch, rng, cfg.micro_batches)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
+
+
+@stages.register(NAME)
+def run(ctx: stages.Context) -> dict:
+    cfg = ctx.config.vae
+    out = ctx.stage_dir(NAME)
+    if cfg.pretrained:
+        kind, config, params, _ = model_io.load(cfg.pretrained)
+        if kind != "vae":
+            raise model_io.ModelFileError(f"config.vae.pretrained={cfg.pretrained} holds a {kind}, not a vae")
+        model_io.save(os.path.join(out, "model"), "vae", config, params)
+        return {"pretrained": cfg.pretrained}
+
+    config = model_config(ctx)
+    vae = AutoencoderKL(config)
+    tx, schedule = common.optimizer(cfg.optimizer, cfg.num_steps)
+    size = ctx.config.data.image_size
+
+    def init(rng):
+        params = vae.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
+    step = make_step(vae, tx, cfg, shardings)
+    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 1, data_state=data_state,
+                                                       global_batch_size=cfg.batch_size)
+    compiled = common.compile_step(step, state, ctx, cfg.batch_size)
+    state = loop.run(
+        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
+        rng=jax.random.PRNGKey(ctx.config.seed + 2), num_steps=cfg.num_steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
+        peak_tflops=ctx.config.get("peak_tflops"))
+
+    params = jax.device_get(state["params"])
+    scale, psnr = _calibrate_and_evaluate(ctx, vae, params, out)
+    config = dataclasses.replace(config, scaling_factor=scale)
+    if jax.process_index() == 0:
+        model_io.save(os.path.join(out, "model"), "vae", config, params)
+    logging.info("vae: scaling factor %.4f, validation PSNR %.2f dB", scale, psnr)
+    return {"scaling_factor": scale, "val_psnr": psnr, "steps": cfg.num_steps}
+
+
+def _calibrate_and_evaluate(ctx, vae, params, out, num_examples: int = 256):
+    """Latent scaling factor from training images; PSNR and a picture on validation."""
+    spec, builder = common.dataset(ctx)
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).mode())
+    decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
+    latents = []
+    for batch in pipeline.eval_batches(registry.data_source(spec, builder, "train"), tokenizer=common.tokenizer(ctx),
+                                       global_batch_size=32, limit=num_examples):
+        latents.append(np.asarray(encode(params, common.images_to_float(batch["image"]))))
+    scale = float(1.0 / (np.concatenate(latents).std() + 1e-8))
+    errors, rows = [], []
+    for batch in pipeline.eval_batches(registry.data_source(spec, builder, "validation"),
+                                       tokenizer=common.tokenizer(ctx), global_batch_size=32, limit=num_examples):
+        x = common.images_to_float(batch["image"])
+        rec = np.clip(np.asarray(decode(params, encode(params, x))), -1, 1)
+        errors.append(np.mean((rec - np.asarray(x)) ** 2, axis=(1, 2, 3))[batch["mask"]])
+        if not rows:
+            for i in range(min(6, len(rec))):
+                rec_u8 = ((rec[i] + 1) * 127.5).round().astype(np.uint8)
+                rows.append({"caption": batch["caption"][i], "panels": [batch["image"][i], rec_u8]})
+    psnr = float(np.mean(10 * np.log10(4.0 / np.maximum(np.concatenate(errors), 1e-10))))
+    if jax.process_index() == 0:
+        viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id),
+                     os.path.join(out, "reconstructions.png"))
+    return scale, psnr
