@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("data", "vae", "ldm")
+  c.stages = ("data", "vae", "ldm", "evalseg")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "scenes"
@@ -108,6 +108,19 @@ def get_config(arg: str = ""):
   c.ldm.log_every = 10 if smoke else 100
   c.ldm.checkpoint_every = 1000
   c.ldm.keep_checkpoints = 2
+
+  # Stage `evalseg`: UperNet + ResNet segmenter on real images only (scores generated images).
+  c.evalseg = ml_collections.ConfigDict()
+  c.evalseg.model = ml_collections.ConfigDict(dict(
+      embedding_size=16 if smoke else 32, hidden_sizes=(16, 32, 64) if smoke else (32, 64, 128),
+      depths=(1, 1, 1), layer_type="basic", head_channels=32 if smoke else 64, pool_scales=(1, 2, 4)))
+  c.evalseg.num_steps = 30 if smoke else 1500
+  c.evalseg.batch_size = 8 if smoke else 32
+  c.evalseg.optimizer = ml_collections.ConfigDict(dict(
+      lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 100, weight_decay=1e-4, grad_clip=1.0))
+  c.evalseg.log_every = 10 if smoke else 100
+  c.evalseg.checkpoint_every = 1000
+  c.evalseg.keep_checkpoints = 2
 
   # Persistent XLA compilation cache; None means ~/.cache/sdsup/jax.
   c.jax_cache_dir = config_dict.placeholder(str)

@@ -1,0 +1,108 @@
+"""Stage `evalseg`: the evaluation segmenter, trained on real images only.
+
+It scores generated images (image mIoU against the input layout) and is never
+the adversarial discriminator: the discriminator saw generated images, so it
+would grade its own student. Leaves `WORKDIR/evalseg/model/` (the variables
+{params, batch_stats}) and its validation mIoU in DONE.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sdsup import segmentation, stages
+from sdsup.data import pipeline, registry
+from sdsup.models import io as model_io
+from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
+from sdsup.stages import common
+from sdsup.trainer import loop, sharding
+
+NAME = "evalseg"
+
+
+def model_config(ctx: stages.Context, num_classes: int) -> SegmenterConfig:
+    m = ctx.config.evalseg.model
+    return SegmenterConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in m.items()},
+                           num_classes=num_classes)
+
+
+def load(ctx: stages.Context):
+    """(SegmenterConfig, variables {params, batch_stats}) of the finished stage."""
+    _, config, variables, _ = model_io.load(os.path.join(ctx.workdir, NAME, "model"))
+    return config, variables
+
+
+def make_step(seg, tx, cfg, ignore_id, shardings):
+    def loss_fn(params, batch_stats, batch):
+        x = common.images_to_float(batch["image"])
+        logits, updates = seg.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+        loss_px, valid = segmentation.pixel_cross_entropy(logits, batch["label"], ignore_id)
+        loss = segmentation.masked_mean(loss_px, valid)
+        acc = segmentation.masked_mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32), valid)
+        return loss, (updates["batch_stats"], {"loss": loss, "pixel_accuracy": acc})
+
+    def step(state, batch, rng):
+        del rng  # deterministic: no dropout, flips come from the input pipeline
+        (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        return {"params": params, "batch_stats": batch_stats, "opt": opt, "step": state["step"] + 1}, metrics
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
+
+
+def evaluate_real(ctx: stages.Context, seg, variables, split: str = "validation", limit=None) -> dict:
+    """mIoU of the segmenter on real images of a split (sanity ceiling for image mIoU)."""
+    spec, builder = common.dataset(ctx)
+    predict = jax.jit(lambda v, x: jnp.argmax(seg.apply(v, x, train=False), -1))
+    confusion = np.zeros((spec.num_classes, spec.num_classes), np.int64)
+    for batch in pipeline.eval_batches(registry.data_source(spec, builder, split), tokenizer=common.tokenizer(ctx),
+                                       global_batch_size=32, limit=limit):
+        pred = np.asarray(predict(variables, common.images_to_float(batch["image"])))
+        confusion += segmentation.confusion_matrix(pred, batch["label"], spec.num_classes, spec.ignore_id,
+                                                   mask=batch["mask"])
+    miou, iou = segmentation.iou_from_confusion(confusion)
+    return {"miou": miou, "per_class_iou": {n: (None if np.isnan(v) else float(v))
+                                            for n, v in zip(spec.class_names, iou)}}
+
+
+@stages.register(NAME)
+def run(ctx: stages.Context) -> dict:
+    cfg = ctx.config.evalseg
+    out = ctx.stage_dir(NAME)
+    spec, _ = common.dataset(ctx)
+    config = model_config(ctx, spec.num_classes)
+    seg = UperNetSegmenter(config)
+    tx, _ = common.optimizer(cfg.optimizer, cfg.num_steps)
+    size = ctx.config.data.image_size
+
+    def init(rng):
+        variables = seg.init(rng, jnp.zeros((2, size, size, 3)), train=False)
+        return {"params": variables["params"], "batch_stats": variables["batch_stats"],
+                "opt": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
+
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 30))
+    step = make_step(seg, tx, cfg, spec.ignore_id, shardings)
+    compiled = common.compile_step(step, state, ctx, cfg.batch_size)
+    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 31, data_state=data_state,
+                                                       global_batch_size=cfg.batch_size)
+    state = loop.run(
+        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
+        rng=jax.random.PRNGKey(ctx.config.seed + 32), num_steps=cfg.num_steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
+        peak_tflops=ctx.config.get("peak_tflops"))
+    variables = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
+    if jax.process_index() == 0:
+        model_io.save(os.path.join(out, "model"), "segmenter", config, variables)
+    result = evaluate_real(ctx, seg, variables)
+    logging.info("evalseg: validation mIoU on real images %.3f", result["miou"])
+    return {"val_miou_real": result["miou"], "val_per_class_iou_real": result["per_class_iou"],
+            "steps": cfg.num_steps}
