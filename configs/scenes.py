@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("data", "vae", "ldm", "evalseg")
+  c.stages = ("data", "vae", "ldm", "control", "evalseg")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "scenes"
@@ -108,6 +108,40 @@ def get_config(arg: str = ""):
   c.ldm.log_every = 10 if smoke else 100
   c.ldm.checkpoint_every = 1000
   c.ldm.keep_checkpoints = 2
+
+  # Stage `control`: segmentation conditioner + ALDM adversarial supervision.
+  c.control = ml_collections.ConfigDict()
+  c.control.layout_encoding = "class_embedding"  # or "colour" (sd-controlnet-seg format)
+  c.control.class_prompt = "{}"  # text (with the class's caption phrase) whose pooled embedding encodes it
+  c.control.hint_channels = ()  # () = the default hint encoder for the encoding
+  c.control.conditioning_scale = 1.0
+  c.control.num_steps = 16 if smoke else 2000
+  c.control.batch_size = 8 if smoke else 32
+  c.control.micro_batches = 1
+  c.control.caption_dropout = 0.1
+  c.control.ema_decay = 0.99 if smoke else 0.999
+  # ALDM (METHOD.md): lambda_adv 0.5 and lambda_fake 0.001 as for ADE20K; K=9 on a
+  # 25-step DDIM grid; every 8th step. Ramp and segmenter start scaled to this run.
+  c.control.lambda_adv = 0.5
+  c.control.lambda_fake = 0.001
+  c.control.n_lazy = 4 if smoke else 8
+  c.control.grid_steps = 10 if smoke else 25
+  c.control.unroll_steps = 2 if smoke else 9
+  c.control.ramp_start = 4 if smoke else 800
+  c.control.ramp_end = 8 if smoke else 1400
+  c.control.seg_start = 0
+  c.control.optimizer = ml_collections.ConfigDict(dict(
+      lr=5e-4, schedule="warmup_cosine", warmup_steps=2 if smoke else 100, weight_decay=0.0, grad_clip=1.0))
+  # The discriminator trains from scratch here (ALDM fine-tunes an ADE20K
+  # UperNet at lr 1e-6), so it needs a much larger rate.
+  c.control.seg_optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.005, grad_clip=1.0))
+  c.control.discriminator = ml_collections.ConfigDict(dict(
+      embedding_size=16 if smoke else 32, hidden_sizes=(16, 32, 64) if smoke else (32, 64, 128),
+      depths=(1, 1, 1), layer_type="basic", head_channels=32 if smoke else 64, pool_scales=(1, 2, 4)))
+  c.control.log_every = 4 if smoke else 100
+  c.control.checkpoint_every = 1000
+  c.control.keep_checkpoints = 2
 
   # Stage `evalseg`: UperNet + ResNet segmenter on real images only (scores generated images).
   c.evalseg = ml_collections.ConfigDict()

@@ -36,10 +36,17 @@ class DatasetSpec:
     builds_offline: bool
     default_tokenizer: str  # "scenes_words" | "clip"
     splits: Tuple[str, ...] = ("train", "validation", "test")
+    # How captions name each class (e.g. the scenes say "lake" for water);
+    # empty means the class names themselves. Class-embedding layouts use it.
+    class_phrases: Tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def phrases(self) -> Tuple[str, ...]:
+        return self.class_phrases or self.class_names
 
     @property
     def palette_array(self) -> np.ndarray:
@@ -59,6 +66,8 @@ _REGISTRY: dict = {}
 def register(spec: DatasetSpec) -> DatasetSpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"dataset {spec.name!r} is already registered")
+    if spec.class_phrases and len(spec.class_phrases) != spec.num_classes:
+        raise ValueError(f"dataset {spec.name!r}: {len(spec.class_phrases)} class phrases for {spec.num_classes} classes")
     if len(spec.palette) != spec.num_classes:
         raise ValueError(f"dataset {spec.name!r}: {len(spec.palette)} palette colours for {spec.num_classes} classes")
     _REGISTRY[spec.name] = spec
@@ -107,6 +116,7 @@ SCENES = register(
         make_builder=_scenes_builder,
         builds_offline=True,
         default_tokenizer="scenes_words",
+        class_phrases=tuple({"mountain": "mountains", "water": "lake"}.get(n, n) for n in scenes.CLASS_NAMES),
     )
 )
 

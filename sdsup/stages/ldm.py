@@ -174,14 +174,17 @@ def _sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, path,
     viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id), path)
 
 
-def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, rng, residuals_fn=None):
+def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, rng, residuals_fn=None,
+             guidance=None, steps=None):
     """Tokens [B, L] -> uint8 images [B, H, W, 3] with DDIM and classifier-free guidance.
 
-    `residuals_fn(z, t)`, when given, returns the conditioner's (down, mid)
-    residuals for a batch of latents; it is applied to both CFG branches (the
-    layout stays in the unconditional branch, as in ALDM).
+    `residuals_fn(z, t, context)`, when given, returns the conditioner's
+    (down, mid) residuals for a batch of latents; it runs on both CFG branches
+    (the layout stays in the unconditional branch, as in ALDM).
     """
     s = ctx.config.sampling
+    guidance = s.guidance if guidance is None else float(guidance)
+    steps = s.steps if steps is None else int(steps)
     tok = common.tokenizer(ctx)
     vae_config = vae.config
     latent = ctx.config.data.image_size // vae_config.downsample_factor
@@ -193,21 +196,21 @@ def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, r
         uncond = encode_text(text_model, params["text_encoder"], empty, tok.pad_id)
 
         def eps(z, t):
-            both = jnp.concatenate([cond, uncond]) if s.guidance != 1.0 else cond
-            zz = jnp.concatenate([z, z]) if s.guidance != 1.0 else z
-            tt = jnp.concatenate([t, t]) if s.guidance != 1.0 else t
+            both = jnp.concatenate([cond, uncond]) if guidance != 1.0 else cond
+            zz = jnp.concatenate([z, z]) if guidance != 1.0 else z
+            tt = jnp.concatenate([t, t]) if guidance != 1.0 else t
             extra = {}
             if residuals_fn is not None:
-                down, mid = residuals_fn(zz, tt)
+                down, mid = residuals_fn(zz, tt, both)
                 extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
             out = unet.apply({"params": params["unet"]}, zz, tt, both, **extra)
-            if s.guidance == 1.0:
+            if guidance == 1.0:
                 return out
             c, u = jnp.split(out, 2)
-            return u + s.guidance * (c - u)
+            return u + guidance * (c - u)
 
         z = jax.random.normal(rng, (tokens.shape[0], latent, latent, vae_config.latent_channels))
-        z = samplers.ddim_sample(eps, schedule, z, s.steps, eta=s.eta)
+        z = samplers.ddim_sample(eps, schedule, z, steps, eta=s.eta, rng=jax.random.fold_in(rng, 1))
         x = vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode)
         return jnp.clip((x + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
 

@@ -1,0 +1,660 @@
+"""Building blocks shared by the UNet, the ControlNet and the VAE.
+
+Every module here mirrors a diffusers module closely enough that its
+parameters convert one to one (see `sdsup.convert.torch_layout`):
+
+  Flax                           diffusers
+  Conv      kernel HWIO, bias    nn.Conv2d weight OIHW, bias
+  Dense     kernel (in, out)     nn.Linear weight (out, in)
+  GroupNorm / LayerNorm scale    weight
+
+Submodule names follow diffusers' attribute names, with a list index written
+`name_N` (diffusers `name.N`). Images are NHWC throughout.
+
+Numerics: normalisation statistics are always taken in float32 whatever the
+compute dtype, and the attention softmax runs in float32.
+"""
+
+import functools
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdsup.models.partitioning import BIAS, CONV_KERNEL, DENSE_KERNEL, NORM_PARAM, with_axes
+
+Dtype = Any
+Array = jax.Array
+
+# PyTorch's default for Conv2d and Linear (kaiming_uniform with a=sqrt(5)):
+# uniform in +-1/sqrt(fan_in), which is variance_scaling(1/3, fan_in, uniform).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+# ---------------------------------------------------------------------------
+# Convolution and dense layers carrying logical axes.
+
+
+class Conv(nn.Module):
+    """2-D convolution over NHWC with an HWIO kernel.
+
+    `padding` is ((top, bottom), (left, right)) or "SAME"/"VALID". A 1x1
+    convolution is computed as a matmul over channels: identical numbers, and
+    it lets XLA fuse the surrounding reshapes instead of calling a convolution.
+    """
+
+    features: int
+    kernel_size: Tuple[int, int] = (3, 3)
+    strides: Tuple[int, int] = (1, 1)
+    padding: Any = ((1, 1), (1, 1))
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = torch_default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kh, kw = self.kernel_size
+        kernel = self.param(
+            "kernel", with_axes(self.kernel_init, CONV_KERNEL), (kh, kw, x.shape[-1], self.features), self.param_dtype
+        )
+        kernel = kernel.astype(self.dtype)
+        x = x.astype(self.dtype)
+        if (kh, kw) == (1, 1) and tuple(self.strides) == (1, 1) and self.padding in ("SAME", "VALID", ((0, 0), (0, 0))):
+            y = jnp.einsum("...i,io->...o", x, kernel[0, 0])
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=self.strides,
+                padding=self.padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        if self.use_bias:
+            bias = self.param("bias", with_axes(nn.initializers.zeros, BIAS), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Dense(nn.Module):
+    """Linear layer over the last axis with an (in, out) kernel."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = torch_default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel", with_axes(self.kernel_init, DENSE_KERNEL), (x.shape[-1], self.features), self.param_dtype
+        )
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", with_axes(nn.initializers.zeros, BIAS), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+# ---------------------------------------------------------------------------
+# Normalisation.
+
+
+def _group_stats(x32: Array, num_groups: int, epsilon: float) -> Tuple[Array, Array]:
+    """Per-(batch, group) mean and 1/std of a [B, N, C] float32 array.
+
+    One pass over x: per-channel sums of (x - s) and (x - s)^2 with s the
+    channel's first value, which keeps E[x^2] - E[x]^2 from cancelling when a
+    channel's mean is large against its spread. Channels then combine into
+    groups exactly (group variance = mean channel variance + variance of the
+    channel means), on [B, C] arrays that cost nothing.
+    """
+    b, n, c = x32.shape
+    per_group = c // num_groups
+    shift = jax.lax.stop_gradient(x32[:, :1, :])
+    d = x32 - shift
+    s1 = jnp.sum(d, axis=1)
+    s2 = jnp.sum(d * d, axis=1)
+    mean_c = s1 / n
+    var_c = jnp.maximum(s2 / n - mean_c * mean_c, 0.0)
+    mean_c = (mean_c + shift[:, 0, :]).reshape(b, num_groups, per_group)
+    var_c = var_c.reshape(b, num_groups, per_group)
+    mean = jnp.mean(mean_c, axis=-1)
+    var = jnp.mean(var_c, axis=-1) + jnp.mean(jnp.square(mean_c - mean[..., None]), axis=-1)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _per_channel(stat: Array, channels: int) -> Array:
+    """[B, G] -> [B, 1, C], each group's value repeated over its channels."""
+    b, g = stat.shape
+    return jnp.repeat(stat, channels // g, axis=1).reshape(b, 1, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm_nc(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float, silu: bool) -> Array:
+    """GroupNorm (+ optional SiLU) of x [B, N, C]; statistics in float32."""
+    out, _ = _group_norm_nc_fwd(x, scale, bias, num_groups, epsilon, silu)
+    return out
+
+
+def _group_norm_nc_fwd(x, scale, bias, num_groups, epsilon, silu):
+    x32 = x.astype(jnp.float32)
+    mean, rstd = _group_stats(x32, num_groups, epsilon)
+    c = x.shape[-1]
+    # Fold normalisation and affine into one multiply-add per element.
+    a = _per_channel(rstd, c) * scale.astype(jnp.float32)
+    b = bias.astype(jnp.float32) - _per_channel(mean, c) * a
+    z = x32 * a + b
+    y = z * jax.nn.sigmoid(z) if silu else z
+    return y.astype(x.dtype), (x, scale, bias, mean, rstd)
+
+
+def _group_norm_nc_bwd(num_groups, epsilon, silu, residuals, dy):
+    x, scale, bias, mean, rstd = residuals
+    bsz, n, c = x.shape
+    per_group = c // num_groups
+    x32 = x.astype(jnp.float32)
+    gamma = scale.astype(jnp.float32)
+    mean_c = _per_channel(mean, c)
+    rstd_c = _per_channel(rstd, c)
+    xhat = (x32 - mean_c) * rstd_c
+    dz = dy.astype(jnp.float32)
+    if silu:
+        z = xhat * gamma + bias.astype(jnp.float32)
+        sig = jax.nn.sigmoid(z)
+        dz = dz * (sig * (1.0 + z * (1.0 - sig)))
+    # Per-(batch, channel) sums; everything after them is tiny.
+    sum_dz = jnp.sum(dz, axis=1)  # [B, C]
+    sum_dz_xhat = jnp.sum(dz * xhat, axis=1)  # [B, C]
+    dbias = jnp.sum(sum_dz, axis=0)
+    dscale = jnp.sum(sum_dz_xhat, axis=0)
+    count = n * per_group
+    # dxhat = dz * gamma; per group: mean(dxhat) and mean(dxhat * xhat).
+    g1 = (sum_dz * gamma).reshape(bsz, num_groups, per_group).sum(-1) / count
+    g2 = (sum_dz_xhat * gamma).reshape(bsz, num_groups, per_group).sum(-1) / count
+    # dx = rstd * (dz * gamma - g1 - xhat * g2), written as dz*p + x*q + r so
+    # that it is one fused elementwise pass over x and dz.
+    p = rstd_c * gamma  # [B, 1, C]
+    q = -_per_channel(rstd * g2 * rstd, c)
+    r = _per_channel(rstd * (mean * g2 * rstd - g1), c)
+    dx = dz * p + x32 * q + r
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_group_norm_nc.defvjp(_group_norm_nc_fwd, _group_norm_nc_bwd)
+
+
+def group_norm(
+    x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float = 1e-5, silu: bool = False
+) -> Array:
+    """GroupNorm over the channel (last) axis of x [B, ..., C], like torch.nn.GroupNorm.
+
+    With `silu=True` the activation is fused in (forward and backward), which
+    saves one full read and write of the activation in both directions.
+    """
+    c = x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"GroupNorm: {c} channels do not divide into {num_groups} groups")
+    shape = x.shape
+    y = _group_norm_nc(x.reshape(shape[0], -1, c), scale, bias, num_groups, float(epsilon), bool(silu))
+    return y.reshape(shape)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm(num_groups, C, eps, affine=True) over NHWC, optionally fused with SiLU."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    silu: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", with_axes(nn.initializers.ones, NORM_PARAM), (c,), self.param_dtype)
+        bias = self.param("bias", with_axes(nn.initializers.zeros, NORM_PARAM), (c,), self.param_dtype)
+        return group_norm(x.astype(self.dtype), scale, bias, self.num_groups, self.epsilon, self.silu)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm(C, eps) over the last axis; statistics in float32."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", with_axes(nn.initializers.ones, NORM_PARAM), (c,), self.param_dtype)
+        bias = self.param("bias", with_axes(nn.initializers.zeros, NORM_PARAM), (c,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Timestep embedding.
+
+
+def timestep_embedding(
+    timesteps: Array,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: int = 10000,
+) -> Array:
+    """Sinusoidal embedding [N, embedding_dim] of N timesteps, as diffusers' `get_timestep_embedding`.
+
+    Frequencies exp(-log(max_period) * i / (half - downscale_freq_shift)),
+    i < half; the output is [sin, cos] ([cos, sin] with flip_sin_to_cos),
+    zero-padded by one column when embedding_dim is odd. Always float32.
+    """
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be 1-D, got shape {timesteps.shape}")
+    half = embedding_dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+    exponent = exponent / (half - downscale_freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    args = scale * args
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers' TimestepEmbedding: linear_1 -> SiLU -> linear_2."""
+
+    time_embed_dim: int
+    out_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
+        x = nn.silu(x)
+        return Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(x)
+
+
+# ---------------------------------------------------------------------------
+# Attention.
+
+
+def _attention_reference(q: Array, k: Array, v: Array) -> Array:
+    """softmax(q k^T / sqrt(d)) v on [B, L, H, D] inputs, softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+# Chunked attention. XLA on CPU does not fuse matmul + softmax, so the plain
+# formulation writes the whole [B, H, L, T] score matrix several times and
+# keeps two of them for the backward pass: at 1024 tokens that is 134 MB per
+# array, which streams through memory and is freshly page-faulted on every
+# step (large XLA buffers are mmapped per execution). Here each loop
+# iteration handles one (batch*head, query block) pair whose [block_q, T]
+# scores stay in cache, the forward saves only the output and the row
+# log-sum-exp, and the backward recomputes the probabilities block by block
+# (the FlashAttention recurrence, without the online softmax: every block
+# sees all keys, so its row maxima are exact).
+
+_F32 = jnp.float32
+
+
+def _chunked_fwd(q: Array, k: Array, v: Array, block_q: int):
+    """q [N, L, D] (pre-scaled by 1/sqrt(D)), k/v [N, T, D] -> o [N, L, D], lse [N, L]."""
+    n, l, d = q.shape
+    blocks = l // block_q
+
+    def one_block(args):
+        qb, i = args
+        kn, vn = k[i], v[i]
+        s = jnp.dot(qb, kn.T, preferred_element_type=_F32)  # [block_q, T]
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.dot(p.astype(vn.dtype), vn, preferred_element_type=_F32) / denom
+        return o.astype(qb.dtype), (m + jnp.log(denom))[:, 0]
+
+    owner = jnp.arange(n * blocks) // blocks
+    o, lse = jax.lax.map(one_block, (q.reshape(n * blocks, block_q, d), owner))
+    return o.reshape(n, l, d), lse.reshape(n, l)
+
+
+def _chunked_bwd_core(q, k, v, o, lse, do, block_q: int):
+    n, l, d = q.shape
+    blocks = l // block_q
+    delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)  # [N, L]
+
+    def one_head(args):
+        qn, kn, vn, don, lsen, deltan = args
+
+        # Everything is computed transposed ([T, block_q]) so that each of
+        # the five matmuls reads its operands in their stored order.
+        def one_block(carry, xs):
+            dk, dv = carry
+            qb, dob, lseb, deltab = xs
+            pt = jnp.exp(jnp.dot(kn, qb.T, preferred_element_type=_F32) - lseb[None, :])
+            dv = dv + jnp.dot(pt.astype(dob.dtype), dob, preferred_element_type=_F32)
+            dpt = jnp.dot(vn, dob.T, preferred_element_type=_F32)
+            dst = pt * (dpt - deltab[None, :])
+            dk = dk + jnp.dot(dst.astype(qb.dtype), qb, preferred_element_type=_F32)
+            dqt = jnp.dot(kn.T, dst.astype(kn.dtype), preferred_element_type=_F32)  # [D, block_q]
+            return (dk, dv), dqt.T
+
+        xs = (
+            qn.reshape(blocks, block_q, d),
+            don.reshape(blocks, block_q, d),
+            lsen.reshape(blocks, block_q),
+            deltan.reshape(blocks, block_q),
+        )
+        zeros = jnp.zeros(kn.shape, _F32)
+        (dk, dv), dq = jax.lax.scan(one_block, (zeros, zeros), xs)
+        return dq.reshape(l, d).astype(qn.dtype), dk.astype(kn.dtype), dv.astype(vn.dtype)
+
+    return jax.lax.map(one_head, (q, k, v, do, lse, delta))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_attention_nld(q: Array, k: Array, v: Array, block_q: int) -> Array:
+    return _chunked_fwd(q, k, v, block_q)[0]
+
+
+def _chunked_attention_nld_fwd(q, k, v, block_q):
+    o, lse = _chunked_fwd(q, k, v, block_q)
+    return o, (q, k, v, o, lse)
+
+
+def _chunked_attention_nld_bwd(block_q, residuals, do):
+    q, k, v, o, lse = residuals
+    return _chunked_bwd_core(q, k, v, o, lse, do, block_q)
+
+
+_chunked_attention_nld.defvjp(_chunked_attention_nld_fwd, _chunked_attention_nld_bwd)
+
+# Score-block size per loop iteration, in elements: 64k floats = 256 KB,
+# half of this CPU's per-core L2.
+_CHUNK_SCORES = 1 << 16
+
+
+def chunked_attention(q: Array, k: Array, v: Array, block_q: Optional[int] = None) -> Array:
+    """Exact attention on [B, L, H, D] inputs, computed in query blocks (see above)."""
+    b, l, h, d = q.shape
+    t = k.shape[1]
+    if block_q is None:
+        block_q = max(16, min(512, _CHUNK_SCORES // t))
+    block_q = min(block_q, l)
+    padded = -(-l // block_q) * block_q
+    q = q * jnp.asarray(d**-0.5, q.dtype)
+    if padded != l:
+        # Zero query rows attend uniformly and are cut off again; their
+        # cotangent is zero, so they add nothing to dk and dv.
+        q = jnp.pad(q, ((0, 0), (0, padded - l), (0, 0), (0, 0)))
+
+    def heads_first(x):
+        return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
+
+    o = _chunked_attention_nld(heads_first(q), heads_first(k), heads_first(v), block_q)
+    return o.reshape(b, h, padded, d)[:, :, :l].transpose(0, 2, 1, 3)
+
+
+# Above this many score elements per (batch, head), "auto" uses the chunked
+# kernel; below it the whole score matrix is small and the fused XLA
+# dot_product_attention is as fast.
+_AUTO_CHUNK_MIN_SCORES = 128 * 1024
+
+
+def attention(query: Array, key: Array, value: Array, implementation: str = "auto") -> Array:
+    """Multi-head scaled dot-product attention, no mask.
+
+    query [B, Lq, H, D], key/value [B, Lk, H, D] -> [B, Lq, H, D]. Works for
+    self- and cross-attention (Lk != Lq). `implementation`:
+      "auto":     "chunked" for long sequences, else "jax".
+      "chunked":  `chunked_attention` (exact; custom VJP, recomputes scores).
+      "jax":      jax.nn.dot_product_attention.
+      "xla":      softmax(q k^T) v as plain einsums (the reference).
+    """
+    if implementation == "auto":
+        long = query.shape[1] * key.shape[1] >= _AUTO_CHUNK_MIN_SCORES
+        implementation = "chunked" if long else "jax"
+    if implementation == "chunked":
+        return chunked_attention(query, key, value)
+    if implementation == "jax":
+        return jax.nn.dot_product_attention(query, key, value)
+    if implementation == "xla":
+        return _attention_reference(query, key, value)
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+class Attention(nn.Module):
+    """diffusers' Attention (to_q, to_k, to_v, to_out.0) without norms or residual.
+
+    Self-attention when `context` is None; cross-attention otherwise. The
+    UNet's transformer blocks use qkv_bias=False; the VAE mid-block uses True.
+    """
+
+    heads: int
+    dim_head: int
+    out_features: Optional[int] = None
+    qkv_bias: bool = False
+    out_bias: bool = True
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
+        inner = self.heads * self.dim_head
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        context = x if context is None else context
+        b, lq, _ = x.shape
+        lk = context.shape[1]
+        q = dense(inner, use_bias=self.qkv_bias, name="to_q")(x).reshape(b, lq, self.heads, self.dim_head)
+        k = dense(inner, use_bias=self.qkv_bias, name="to_k")(context).reshape(b, lk, self.heads, self.dim_head)
+        v = dense(inner, use_bias=self.qkv_bias, name="to_v")(context).reshape(b, lk, self.heads, self.dim_head)
+        o = attention(q, k, v, self.attention_impl).reshape(b, lq, inner)
+        return dense(self.out_features or x.shape[-1], use_bias=self.out_bias, name="to_out_0")(o)
+
+
+class GEGLU(nn.Module):
+    """diffusers' GEGLU: proj to 2*dim_out, value * gelu(gate) with exact (erf) GELU."""
+
+    dim_out: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward with GEGLU: net.0 (GEGLU), net.1 (dropout 0), net.2 (Linear)."""
+
+    dim: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        inner = self.dim * self.mult
+        h = GEGLU(inner, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
+        return Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """diffusers' BasicTransformerBlock (layer_norm type): self-attn, cross-attn, GEGLU FF, pre-norm residuals."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    norm_eps: float = 1e-5
+    only_cross_attention: bool = False
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Optional[Array]) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = functools.partial(Attention, self.heads, self.dim_head, attention_impl=self.attention_impl, **kw)
+        h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
+        x = attn(name="attn1")(h, context if self.only_cross_attention else None) + x
+        if context is not None:
+            h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
+            x = attn(name="attn2")(h, context) + x
+        h = LayerNorm(self.norm_eps, name="norm3", **kw)(x)
+        return FeedForward(self.dim, name="ff", **kw)(h) + x
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers' Transformer2DModel on continuous NHWC input.
+
+    GroupNorm (eps 1e-6) -> proj_in (1x1 conv, or Linear with
+    use_linear_projection) -> BasicTransformerBlocks over the H*W tokens ->
+    proj_out -> + input.
+    """
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Optional[Array]) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, hgt, wdt, c = x.shape
+        inner = self.heads * self.dim_head
+        residual = x
+        h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
+        if self.use_linear_projection:
+            h = Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wdt, c))
+        else:
+            h = Conv(inner, (1, 1), padding="VALID", name="proj_in", **kw)(h).reshape(b, hgt * wdt, inner)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(
+                inner,
+                self.heads,
+                self.dim_head,
+                only_cross_attention=self.only_cross_attention,
+                attention_impl=self.attention_impl,
+                name=f"transformer_blocks_{i}",
+                **kw,
+            )(h, context)
+        if self.use_linear_projection:
+            h = Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wdt, c)
+        else:
+            h = Conv(c, (1, 1), padding="VALID", name="proj_out", **kw)(h.reshape(b, hgt, wdt, inner))
+        return h + residual
+
+
+# ---------------------------------------------------------------------------
+# Convolutional blocks.
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D ("default" time embedding norm, SiLU).
+
+    norm1+SiLU -> conv1 -> (+ time_emb_proj(SiLU(temb))) -> norm2+SiLU ->
+    conv2, plus the input (through a 1x1 conv_shortcut when the channel count
+    changes or `use_in_shortcut`), divided by output_scale_factor. With temb
+    None (the VAE) there is no time_emb_proj parameter.
+    """
+
+    out_channels: Optional[int] = None
+    groups: int = 32
+    groups_out: Optional[int] = None
+    eps: float = 1e-6
+    output_scale_factor: float = 1.0
+    use_in_shortcut: Optional[bool] = None
+    conv_shortcut_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Optional[Array] = None) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        out_channels = self.out_channels or x.shape[-1]
+        h = GroupNorm(self.groups, self.eps, silu=True, name="norm1", **kw)(x)
+        h = Conv(out_channels, name="conv1", **kw)(h)
+        if temb is not None:
+            t = Dense(out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = GroupNorm(self.groups_out or self.groups, self.eps, silu=True, name="norm2", **kw)(h)
+        h = Conv(out_channels, name="conv2", **kw)(h)
+        use_shortcut = x.shape[-1] != out_channels if self.use_in_shortcut is None else self.use_in_shortcut
+        if use_shortcut:
+            x = Conv(
+                out_channels, (1, 1), padding="VALID", use_bias=self.conv_shortcut_bias, name="conv_shortcut", **kw
+            )(x)
+        out = x.astype(self.dtype) + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """diffusers' Downsample2D with use_conv: a stride-2 3x3 conv named `conv`.
+
+    padding=1 pads one pixel on every side; padding=0 (the VAE) pads only the
+    bottom and right, as diffusers does with F.pad(0, 1, 0, 1).
+    """
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        pad = ((self.padding, self.padding),) * 2 if self.padding else ((0, 1), (0, 1))
+        return Conv(
+            self.out_channels, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+        )(x)
+
+
+def upsample_nearest(x: Array, output_size: Optional[Tuple[int, int]] = None) -> Array:
+    """Nearest-neighbour resize of NHWC x: x2, or to `output_size` with torch's index rule floor(i * in / out)."""
+    b, h, w, c = x.shape
+    if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return x.reshape(b, 2 * h, 2 * w, c)
+    out_h, out_w = output_size
+    rows = np.floor(np.arange(out_h) * (h / out_h)).astype(np.int32)
+    cols = np.floor(np.arange(out_w) * (w / out_w)).astype(np.int32)
+    return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nn.Module):
+    """diffusers' Upsample2D with use_conv: nearest x2 (or to output_size) then a 3x3 conv named `conv`."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, output_size: Optional[Tuple[int, int]] = None) -> Array:
+        x = upsample_nearest(x, output_size)
+        return Conv(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)

@@ -1,0 +1,351 @@
+"""Stage `control`: the segmentation conditioner with adversarial supervision (ALDM).
+
+The UNet, VAE and text encoder are frozen; the conditioner (ControlNet) is
+the generator and a UperNet segmenter with N+1 classes (the last = "fake")
+is the discriminator. Everything happens in ONE jitted, sharded step:
+
+  every step        noise loss of the conditioned UNet (micro-batched);
+  every n_lazy-th   (lax.cond, no recompiles) pick k ~ U{K..G-1} on the G-step
+                    DDIM grid, predict x0 at t_k WITH gradient, decode it with
+                    the frozen VAE decoder (gradients flow through it,
+                    rematerialised), unroll K more DDIM steps WITHOUT gradient,
+                    and score every decoded x0 with the segmenter:
+                      l_i(p) = class-balanced CE(D(decode(x0_i)), y)(p)
+                      L_adv  = mean_p l_0(p) * sg(mean_i l_i(p) / l_0(p))
+                    (the value averages the K+1 steps, the gradient flows
+                    through step 0 only); and update the segmenter:
+                      L_D = balanced CE(D(x_real), y) + lambda_fake CE(D(sg(x_fake)), fake)
+                    with x_real the VAE reconstruction of the real image.
+  generator loss    L_G = L_noise + lambda_adv * r(step) * L_adv, r ramping 0 -> 1.
+
+With `lambda_adv = 0` this is the plain-conditioner baseline (the lazy
+branch still updates the segmenter, which then only serves as a monitor).
+Leaves `WORKDIR/control/controlnet/` (EMA weights), `.../discriminator/`,
+`.../class_table.npy` (for class-embedding layouts) and `samples.png`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sdsup import segmentation, stages, viz
+from sdsup.data import pipeline, registry
+from sdsup.diffusion import samplers
+from sdsup.diffusion import schedule as schedule_lib
+from sdsup.models import controlnet as controlnet_lib
+from sdsup.models import io as model_io
+from sdsup.models.clip_text import CLIPTextTransformer
+from sdsup.models.controlnet import ControlNetConfig, ControlNetModel
+from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
+from sdsup.models.unet import UNet2DConditionModel
+from sdsup.models.vae import AutoencoderKL
+from sdsup.stages import common
+from sdsup.stages import ldm as ldm_stage
+from sdsup.stages import vae as vae_stage
+from sdsup.trainer import loop, sharding
+
+NAME = "control"
+ADV_METRICS = ("loss/adv", "loss/adv_step0", "loss/seg_real", "loss/seg_fake", "seg/acc_real", "seg/acc_fake")
+
+
+def class_table(ctx, text_model, text_params) -> np.ndarray:
+    """[N, D]: the text encoder's pooled embedding of each class name (ALDM's layout encoding)."""
+    spec, _ = common.dataset(ctx)
+    tok = common.tokenizer(ctx)
+    template = ctx.config.control.class_prompt
+    tokens = jnp.asarray(tok.encode_batch([template.format(phrase) for phrase in spec.phrases]))
+    out = text_model.apply({"params": text_params}, tokens, attention_mask=tokens != tok.pad_id)
+    return np.asarray(out.pooled_output, np.float32)
+
+
+def controlnet_config(ctx, unet_config, table_dim: int) -> ControlNetConfig:
+    c = ctx.config.control
+    vae_factor = vae_stage.model_config(ctx).downsample_factor
+    hint = tuple(c.hint_channels) if c.hint_channels else None
+    dim = table_dim if c.layout_encoding == "class_embedding" else None
+    return ControlNetConfig.from_unet(unet_config, c.layout_encoding, dim, hint, vae_scale_factor=vae_factor)
+
+
+def discriminator_config(ctx, num_classes: int) -> SegmenterConfig:
+    m = ctx.config.control.discriminator
+    return SegmenterConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in m.items()},
+                           num_classes=num_classes + 1)
+
+
+def ramp(step, start: int, end: int):
+    """r(step): 0 before `start`, linear to 1 at `end`, then 1."""
+    if end <= start:
+        return jnp.where(step >= start, 1.0, 0.0)
+    return jnp.clip((step - start) / (end - start), 0.0, 1.0)
+
+
+def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, schedule, spec, hint_fn,
+              empty_tokens, pad_id, shardings):
+    num_classes, ignore = spec.num_classes, spec.ignore_id
+    fake = num_classes
+    grid = samplers.ddim_grid(schedule.num_train_timesteps, cfg.grid_steps)[::-1]  # ascending
+    unroll = int(cfg.unroll_steps)
+    if not 0 <= unroll < cfg.grid_steps:
+        raise ValueError(f"control.unroll_steps={unroll} must be in [0, grid_steps={cfg.grid_steps})")
+
+    def predict(gen_params, frozen, z, t, context, hint):
+        down, mid = controlnet.apply({"params": gen_params}, z, t, context, hint,
+                                     conditioning_scale=cfg.conditioning_scale)
+        return unet.apply({"params": frozen["unet"]}, z, t, context, down, mid).astype(jnp.float32)
+
+    @jax.checkpoint  # keep only the latents; the decoder's activations are recomputed in backward
+    def decode(vae_params, z):
+        x = vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode)
+        return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
+
+    def seg_apply(seg_vars, x):
+        logits, updates = seg.apply(seg_vars, x, train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+
+    def noise_loss_and_grad(gen_params, micro, rng, frozen):
+        rng_t, rng_n = jax.random.split(rng)
+        z0, context, hint = micro["z0"], micro["context"], micro["hint"]
+        t = jax.random.randint(rng_t, (z0.shape[0],), 0, schedule.num_train_timesteps)
+        noise = jax.random.normal(rng_n, z0.shape, z0.dtype)
+
+        def loss_fn(p):
+            pred = predict(p, frozen, schedule_lib.add_noise(schedule, z0, noise, t), t, context, hint)
+            return jnp.mean(jnp.square(pred - schedule_lib.training_target(schedule, z0, noise, t)))
+
+        loss, grads = jax.value_and_grad(loss_fn)(gen_params)
+        return {"loss/noise": loss}, grads
+
+    def adversarial(gen_params, seg_vars, frozen, z0, context, hint, labels, weights, rng):
+        """(L_adv, (fake images, per-term metrics)); gradient w.r.t. gen_params through step 0 only."""
+        rng_k, rng_n = jax.random.split(rng)
+        k = jax.random.randint(rng_k, (), unroll, cfg.grid_steps)
+        t_k = jnp.full((z0.shape[0],), grid[k])
+        noise = jax.random.normal(rng_n, z0.shape, z0.dtype)
+        z_t = schedule_lib.add_noise(schedule, z0, noise, t_k)
+
+        def pixel_loss(img):
+            logits, _ = seg_apply(seg_vars, img)
+            ce, _ = segmentation.pixel_cross_entropy(logits, labels, ignore)
+            return weights * ce
+
+        out0 = predict(gen_params, frozen, z_t, t_k, context, hint)
+        img0 = decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z_t, out0, t_k))
+        l0 = pixel_loss(img0)
+
+        def body(carry, i):
+            z, out, t = carry
+            t_prev = grid[jnp.maximum(k - i - 1, 0)]
+            z = samplers.ddim_step(schedule, z, out, t, jnp.full_like(t, t_prev))
+            t = jnp.full_like(t, t_prev)
+            out = predict(jax.lax.stop_gradient(gen_params), frozen, z, t, context, hint)
+            li = pixel_loss(decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z, out, t)))
+            return (z, out, t), li
+
+        if unroll:
+            _, ls = jax.lax.scan(body, jax.lax.stop_gradient((z_t, out0, t_k)), jnp.arange(unroll))
+            l_mean = (jax.lax.stop_gradient(l0) + jnp.sum(ls, 0)) / (unroll + 1)
+        else:
+            l_mean = jax.lax.stop_gradient(l0)
+        # Value = the mean over the K+1 steps; gradient = that of step 0, rescaled.
+        ratio = jax.lax.stop_gradient(l_mean / jnp.maximum(l0, 1e-8))
+        loss = jnp.mean(l0 * ratio)
+        return loss, (jax.lax.stop_gradient(img0), {"loss/adv": loss, "loss/adv_step0": jnp.mean(l0)})
+
+    def discriminator_loss(seg_params, batch_stats, x_real, x_fake, labels, weights):
+        logits_real, stats = seg_apply({"params": seg_params, "batch_stats": batch_stats}, x_real)
+        ce_real, valid = segmentation.pixel_cross_entropy(logits_real, labels, ignore)
+        loss_real = jnp.mean(weights * ce_real)
+        logits_fake, stats = seg_apply({"params": seg_params, "batch_stats": stats}, x_fake)
+        ce_fake, _ = segmentation.pixel_cross_entropy(logits_fake, jnp.full(labels.shape, fake, jnp.int32), -1)
+        loss_fake = jnp.mean(ce_fake)
+        loss = loss_real + cfg.lambda_fake * loss_fake
+        acc_real = segmentation.masked_mean((jnp.argmax(logits_real, -1) == labels).astype(jnp.float32), valid)
+        acc_fake = jnp.mean((jnp.argmax(logits_fake, -1) == fake).astype(jnp.float32))
+        return loss, (stats, {"loss/seg_real": loss_real, "loss/seg_fake": loss_fake,
+                              "seg/acc_real": acc_real, "seg/acc_fake": acc_fake})
+
+    def step(state, batch, rng, frozen):
+        rng_z, rng_drop, rng_noise, rng_adv = jax.random.split(rng, 4)
+        step_no = state["step"]
+        x = common.images_to_float(batch["image"])
+        labels = batch["label"].astype(jnp.int32)
+        posterior = vae.apply({"params": frozen["vae"]}, x, method=vae.encode)
+        z0 = jax.lax.stop_gradient(vae.scale_latents(posterior.sample(rng_z)))
+        drop = jax.random.uniform(rng_drop, (x.shape[0], 1)) < cfg.caption_dropout
+        tokens = jnp.where(drop, empty_tokens[None, :], batch["tokens"])
+        context = jax.lax.stop_gradient(ldm_stage.encode_text(text_model, frozen["text_encoder"], tokens, pad_id))
+        hint = hint_fn(labels, frozen)
+        gen_params = state["gen"]["params"]
+
+        metrics, noise_grads = common.accumulate_gradients(
+            lambda p, mb, r: noise_loss_and_grad(p, mb, r, frozen), gen_params,
+            {"z0": z0, "context": context, "hint": hint}, rng_noise, cfg.micro_batches)
+
+        adv_weight = cfg.lambda_adv * ramp(step_no, cfg.ramp_start, cfg.ramp_end)
+        lazy = (step_no % cfg.n_lazy) == 0
+        seg_state = state["seg"]
+
+        def lazy_branch(_):
+            weights = segmentation.class_balance_weights(labels, num_classes, ignore, num_classes + 1)
+            seg_vars = {"params": seg_state["params"], "batch_stats": seg_state["batch_stats"]}
+            (_, (x_fake, adv_metrics)), adv_grads = jax.value_and_grad(adversarial, has_aux=True)(
+                gen_params, seg_vars, frozen, z0, context, hint, labels, weights, rng_adv)
+            x_real = decode(frozen["vae"], vae.scale_latents(posterior.mode()))
+            (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+                seg_state["params"], seg_state["batch_stats"], x_real, x_fake, labels, weights)
+            updates, opt = seg_tx.update(seg_grads, seg_state["opt"], seg_state["params"])
+            new_seg = {"params": jax.tree.map(lambda p, u: p + u, seg_state["params"], updates),
+                       "batch_stats": stats, "opt": opt}
+            # Before seg_start the segmenter's update is computed but not applied.
+            active = step_no >= cfg.seg_start
+            new_seg = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_seg, seg_state)
+            adv_metrics.update(seg_metrics)
+            return adv_grads, new_seg, {k: adv_metrics[k] for k in ADV_METRICS}
+
+        def plain_branch(_):
+            zeros = jax.tree.map(jnp.zeros_like, gen_params)
+            return zeros, seg_state, state["adv_metrics"]
+
+        adv_grads, new_seg, adv_metrics = jax.lax.cond(lazy, lazy_branch, plain_branch, None)
+        grads = jax.tree.map(lambda g, a: g + adv_weight * a, noise_grads, adv_grads)
+        updates, gen_opt = gen_tx.update(grads, state["gen"]["opt"], gen_params)
+        new_params = jax.tree.map(lambda p, u: p + u, gen_params, updates)
+        ema = common.ema_update(state["gen"]["ema"], new_params, cfg.ema_decay)
+        metrics = dict(metrics, **adv_metrics)
+        metrics["loss"] = metrics["loss/noise"] + adv_weight * metrics["loss/adv"]
+        metrics["adv/weight"] = adv_weight
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        new_state = {"gen": {"params": new_params, "opt": gen_opt, "ema": ema}, "seg": new_seg,
+                     "adv_metrics": adv_metrics, "step": step_no + 1}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
+
+
+@stages.register(NAME)
+def run(ctx: stages.Context) -> dict:
+    cfg = ctx.config.control
+    out = ctx.stage_dir(NAME)
+    spec, _ = common.dataset(ctx)
+    tok = common.tokenizer(ctx)
+    size = ctx.config.data.image_size
+    schedule = ldm_stage.noise_schedule(ctx)
+
+    vae_config, vae_params = vae_stage.load(ctx)
+    vae = AutoencoderKL(vae_config)
+    models = ldm_stage.load(ctx)
+    unet_config, unet_params = models["unet"]
+    text_config, text_params = models["text_encoder"]
+    unet, text_model = UNet2DConditionModel(unet_config), CLIPTextTransformer(text_config)
+    table = class_table(ctx, text_model, text_params)
+    cn_config = controlnet_config(ctx, unet_config, table.shape[1])
+    controlnet = ControlNetModel(cn_config)
+    seg_config = discriminator_config(ctx, spec.num_classes)
+    seg = UperNetSegmenter(seg_config)
+    gen_tx, _ = common.optimizer(cfg.optimizer, cfg.num_steps)
+    seg_tx, _ = common.optimizer(cfg.seg_optimizer, cfg.num_steps)
+    latent = size // vae_config.downsample_factor
+    palette = jnp.asarray(spec.palette_array)
+
+    def hint_fn(labels, frozen):
+        return controlnet_lib.layout_hint(labels, cn_config, palette=palette, table=frozen["class_table"],
+                                          ignore_id=spec.ignore_id)
+
+    def init(rng):
+        r1, r2 = jax.random.split(rng)
+        gen = controlnet.init(r1, *controlnet_lib.dummy_inputs(cn_config, 1, latent))["params"]
+        seg_vars = seg.init(r2, jnp.zeros((2, size, size, 3)), train=False)
+        return {"gen": {"params": gen, "opt": gen_tx.init(gen), "ema": gen},
+                "seg": {"params": seg_vars["params"], "batch_stats": seg_vars["batch_stats"],
+                        "opt": seg_tx.init(seg_vars["params"])},
+                "adv_metrics": {k: jnp.zeros((), jnp.float32) for k in ADV_METRICS},
+                "step": jnp.zeros((), jnp.int32)}
+
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 40))
+    # ControlNet's copy rule: the encoder starts as the (frozen) UNet's encoder.
+    gen = controlnet_lib.controlnet_params_from_unet(unet_params, jax.device_get(state["gen"]["params"]), cn_config)
+    # Separate copies: on CPU, device_put may alias host memory, and params and
+    # EMA are donated to the step as two different buffers.
+    state["gen"]["params"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["params"])
+    state["gen"]["ema"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["ema"])
+
+    mesh = ctx.mesh
+    frozen = {
+        "unet": common.place(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, latent, latent, unet_config.in_channels)),
+                                               jnp.zeros((1,), jnp.int32),
+                                               jnp.zeros((1, ctx.config.text.max_length, text_config.hidden_size)))["params"],
+                             unet_params, mesh),
+        "vae": common.place(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
+                            vae_params, mesh),
+        "text_encoder": common.place(lambda: text_model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, ctx.config.text.max_length), jnp.int32))["params"], text_params, mesh),
+        "class_table": jax.device_put(jnp.asarray(table), sharding.replicated(mesh)),
+    }
+    step = make_step(unet=unet, controlnet=controlnet, vae=vae, seg=seg, text_model=text_model, gen_tx=gen_tx,
+                     seg_tx=seg_tx, cfg=cfg, schedule=schedule, spec=spec, hint_fn=hint_fn,
+                     empty_tokens=jnp.asarray(tok.encode("")), pad_id=tok.pad_id, shardings=shardings)
+    compiled = common.compile_step(step, state, ctx, cfg.batch_size, frozen)
+    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 41, data_state=data_state,
+                                                       global_batch_size=cfg.batch_size)
+    state = loop.run(
+        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
+        rng=jax.random.PRNGKey(ctx.config.seed + 42), num_steps=cfg.num_steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
+        peak_tflops=ctx.config.get("peak_tflops"))
+
+    ema = jax.device_get(state["gen"]["ema"])
+    seg_vars = jax.device_get({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
+    if jax.process_index() == 0:
+        model_io.save(os.path.join(out, "controlnet"), "controlnet", cn_config, ema)
+        model_io.save(os.path.join(out, "discriminator"), "segmenter", seg_config, seg_vars)
+        np.save(os.path.join(out, "class_table.npy"), table)
+        sample_grid(ctx, os.path.join(out, "samples.png"))
+    return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding}
+
+
+def load(ctx: stages.Context):
+    """(ControlNetConfig, params, class table) of the finished stage."""
+    _, config, params, _ = model_io.load(os.path.join(ctx.workdir, NAME, "controlnet"))
+    return config, params, np.load(os.path.join(ctx.workdir, NAME, "class_table.npy"))
+
+
+def generate(ctx, tokens, labels, rng, guidance=None):
+    """Tokens [B, L] + label maps [B, H, W] -> uint8 images with the finished stages."""
+    spec, _ = common.dataset(ctx)
+    vae_config, vae_params = vae_stage.load(ctx)
+    models = ldm_stage.load(ctx)
+    cn_config, cn_params, table = load(ctx)
+    unet = UNet2DConditionModel(models["unet"][0])
+    text_model = CLIPTextTransformer(models["text_encoder"][0])
+    controlnet = ControlNetModel(cn_config)
+    hint = controlnet_lib.layout_hint(jnp.asarray(labels, jnp.int32), cn_config,
+                                      palette=jnp.asarray(spec.palette_array), table=jnp.asarray(table),
+                                      ignore_id=spec.ignore_id)
+    params = {"unet": models["unet"][1], "text_encoder": models["text_encoder"][1]}
+    scale = ctx.config.control.conditioning_scale
+
+    def residuals(z, t, context):
+        h = jnp.concatenate([hint] * (z.shape[0] // hint.shape[0]))
+        return controlnet.apply({"params": cn_params}, z, t, context, h, conditioning_scale=scale)
+
+    return ldm_stage.generate(ctx, unet, text_model, AutoencoderKL(vae_config), params, vae_params,
+                              ldm_stage.noise_schedule(ctx), jnp.asarray(tokens), rng, residuals_fn=residuals,
+                              guidance=guidance)
+
+
+def sample_grid(ctx, path: str, num: int = 6) -> None:
+    """Caption | colour-coded layout | generated image, for validation examples."""
+    spec, builder = common.dataset(ctx)
+    batch = next(pipeline.eval_batches(registry.data_source(spec, builder, "validation"),
+                                       tokenizer=common.tokenizer(ctx), global_batch_size=num))
+    images = generate(ctx, batch["tokens"], batch["label"], jax.random.PRNGKey(1))
+    rows = [{"caption": c, "panels": [lab, img, real]}
+            for c, lab, img, real in zip(batch["caption"], batch["label"], images, batch["image"])]
+    viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id), path)
