@@ -156,6 +156,9 @@ def get_config(arg: str = ""):
   c.evalseg.checkpoint_every = 1000
   c.evalseg.keep_checkpoints = 2
 
+  # Faster XLA compiles, slower steps: compiling dominates a smoke run.
+  c.fast_compile = smoke
+
   # Persistent XLA compilation cache; None means ~/.cache/sdsup/jax.
   c.jax_cache_dir = config_dict.placeholder(str)
   c.preview_examples = 8

@@ -34,6 +34,9 @@ class TokenizerError(SdsupError, ValueError):
 class WordTokenizer:
     """Lower-cased words and punctuation, one id each, BOS ... EOS then padding."""
 
+    # The scenes' text encoder is trained here with padding masked out of attention.
+    masks_padding = True
+
     def __init__(self, vocab: Sequence[str], max_length: int):
         if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise TokenizerError(f"a word vocabulary must start with {SPECIAL_TOKENS}")
@@ -97,11 +100,17 @@ class WordTokenizer:
 class ClipTokenizer:
     """CLIP's BPE tokenizer from a local directory (transformers layout).
 
+    `masks_padding` is False: Stable Diffusion's text encoder always sees the
+    whole padded sequence (pad = <|endoftext|>), and a padding mask would also
+    hide the real end-of-text token.
+
     Loaded with `CLIPTokenizer.from_pretrained(dir, local_files_only=True)`:
     in transformers 5, `CLIPTokenizer(vocab_file=..., merges_file=...)` silently
     builds a 2-token vocabulary that maps every word to <|endoftext|>, so the
     constructor is never used and the loaded vocabulary is checked.
     """
+
+    masks_padding = False
 
     def __init__(self, path: str, max_length: int = 77):
         if not os.path.isdir(path):

@@ -60,8 +60,13 @@ def class_table(ctx, text_model, text_params) -> np.ndarray:
     tok = common.tokenizer(ctx)
     template = ctx.config.control.class_prompt
     tokens = jnp.asarray(tok.encode_batch([template.format(phrase) for phrase in spec.phrases]))
-    out = text_model.apply({"params": text_params}, tokens, attention_mask=tokens != tok.pad_id)
-    return np.asarray(out.pooled_output, np.float32)
+    pad = ldm_stage.mask_pad_id(tok)
+
+    def pooled(params, tokens):
+        mask = None if pad is None else tokens != pad
+        return text_model.apply({"params": params}, tokens, attention_mask=mask).pooled_output
+
+    return np.asarray(common.jit(pooled, ctx)(text_params, tokens), np.float32)
 
 
 def controlnet_config(ctx, unet_config, table_dim: int) -> ControlNetConfig:
@@ -243,7 +248,8 @@ def run(ctx: stages.Context) -> dict:
     unet_config, unet_params = models["unet"]
     text_config, text_params = models["text_encoder"]
     unet, text_model = UNet2DConditionModel(unet_config), CLIPTextTransformer(text_config)
-    table = class_table(ctx, text_model, text_params)
+    with common.timed("control: class embedding table"):
+        table = class_table(ctx, text_model, text_params)
     cn_config = controlnet_config(ctx, unet_config, table.shape[1])
     controlnet = ControlNetModel(cn_config)
     seg_config = discriminator_config(ctx, spec.num_classes)
@@ -267,7 +273,8 @@ def run(ctx: stages.Context) -> dict:
                 "adv_metrics": {k: jnp.zeros((), jnp.float32) for k in ADV_METRICS},
                 "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 40))
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 40),
+                                               compiler_options=common.compiler_options(ctx))
     # ControlNet's copy rule: the encoder starts as the (frozen) UNet's encoder.
     gen = controlnet_lib.controlnet_params_from_unet(unet_params, jax.device_get(state["gen"]["params"]), cn_config)
     # Separate copies: on CPU, device_put may alias host memory, and params and
@@ -289,7 +296,8 @@ def run(ctx: stages.Context) -> dict:
     }
     step = make_step(unet=unet, controlnet=controlnet, vae=vae, seg=seg, text_model=text_model, gen_tx=gen_tx,
                      seg_tx=seg_tx, cfg=cfg, schedule=schedule, spec=spec, hint_fn=hint_fn,
-                     empty_tokens=jnp.asarray(tok.encode("")), pad_id=tok.pad_id, shardings=shardings)
+                     empty_tokens=jnp.asarray(tok.encode("")), pad_id=ldm_stage.mask_pad_id(tok),
+                     shardings=shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, frozen)
     batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 41, data_state=data_state,
                                                        global_batch_size=cfg.batch_size)
@@ -306,7 +314,8 @@ def run(ctx: stages.Context) -> dict:
         model_io.save(os.path.join(out, "controlnet"), "controlnet", cn_config, ema)
         model_io.save(os.path.join(out, "discriminator"), "segmenter", seg_config, seg_vars)
         np.save(os.path.join(out, "class_table.npy"), table)
-        sample_grid(ctx, os.path.join(out, "samples.png"))
+        with common.timed("control: sample grid"):
+            sample_grid(ctx, os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding}
 
 
@@ -318,7 +327,7 @@ def load(ctx: stages.Context):
 
 def generate(ctx, tokens, labels, rng, guidance=None):
     """Tokens [B, L] + label maps [B, H, W] -> uint8 images with the finished stages."""
-    spec, _ = common.dataset(ctx)
+    spec = registry.get(ctx.config.data.name)
     vae_config, vae_params = vae_stage.load(ctx)
     models = ldm_stage.load(ctx)
     cn_config, cn_params, table = load(ctx)

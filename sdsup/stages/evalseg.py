@@ -61,7 +61,7 @@ def make_step(seg, tx, cfg, ignore_id, shardings):
 def evaluate_real(ctx: stages.Context, seg, variables, split: str = "validation", limit=None) -> dict:
     """mIoU of the segmenter on real images of a split (sanity ceiling for image mIoU)."""
     spec, builder = common.dataset(ctx)
-    predict = jax.jit(lambda v, x: jnp.argmax(seg.apply(v, x, train=False), -1))
+    predict = common.jit(lambda v, x: jnp.argmax(seg.apply(v, x, train=False), -1), ctx)
     confusion = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     for batch in pipeline.eval_batches(registry.data_source(spec, builder, split), tokenizer=common.tokenizer(ctx),
                                        global_batch_size=32, limit=limit):
@@ -88,7 +88,8 @@ def run(ctx: stages.Context) -> dict:
         return {"params": variables["params"], "batch_stats": variables["batch_stats"],
                 "opt": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 30))
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 30),
+                                               compiler_options=common.compiler_options(ctx))
     step = make_step(seg, tx, cfg, spec.ignore_id, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
     batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 31, data_state=data_state,
@@ -102,7 +103,8 @@ def run(ctx: stages.Context) -> dict:
     variables = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
     if jax.process_index() == 0:
         model_io.save(os.path.join(out, "model"), "segmenter", config, variables)
-    result = evaluate_real(ctx, seg, variables)
+    with common.timed("evalseg: validation mIoU"):
+        result = evaluate_real(ctx, seg, variables)
     logging.info("evalseg: validation mIoU on real images %.3f", result["miou"])
     return {"val_miou_real": result["miou"], "val_per_class_iou_real": result["per_class_iou"],
             "steps": cfg.num_steps}

@@ -11,7 +11,7 @@ by `python -m sdsup.convert import`). Leaves `WORKDIR/ldm/unet/`,
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +65,20 @@ def load(ctx: stages.Context):
     return out
 
 
-def encode_text(text_model: CLIPTextTransformer, params, tokens, pad_id: int):
-    """Last hidden states of the text encoder; padding is masked from attention."""
-    return text_model.apply({"params": params}, tokens, attention_mask=tokens != pad_id).last_hidden_state
+def encode_text(text_model: CLIPTextTransformer, params, tokens, pad_id: Optional[int]):
+    """Last hidden states of the text encoder.
+
+    `pad_id` None: no padding mask (Stable Diffusion's convention, for CLIP
+    tokenizers whose pad token is <|endoftext|>); otherwise padding is masked
+    out of attention (the scenes' word tokenizer).
+    """
+    mask = None if pad_id is None else tokens != pad_id
+    return text_model.apply({"params": params}, tokens, attention_mask=mask).last_hidden_state
+
+
+def mask_pad_id(tok) -> Optional[int]:
+    """The pad id to mask for this tokenizer, or None for no mask."""
+    return tok.pad_id if tok.masks_padding else None
 
 
 def make_step(unet, text_model, vae, tx, cfg, schedule, empty_tokens, pad_id, shardings):
@@ -139,11 +150,12 @@ def run(ctx: stages.Context) -> dict:
         params = init_params(rng)
         return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed),
+                                               compiler_options=common.compiler_options(ctx))
     vae_params = common.place(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
                               vae_params, ctx.mesh)
     empty = jnp.asarray(tok.encode(""))
-    step = make_step(unet, text_model, vae, tx, cfg, schedule, empty, tok.pad_id, shardings)
+    step = make_step(unet, text_model, vae, tx, cfg, schedule, empty, mask_pad_id(tok), shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, vae_params)
     batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 11, data_state=data_state,
                                                        global_batch_size=cfg.batch_size)
@@ -158,7 +170,8 @@ def run(ctx: stages.Context) -> dict:
     if jax.process_index() == 0:
         model_io.save(os.path.join(out, "unet"), "unet", unet_config, ema["unet"])
         model_io.save(os.path.join(out, "text_encoder"), "text_encoder", text_config, ema["text_encoder"])
-        _sample_grid(ctx, unet, text_model, vae, ema, vae_params, schedule, os.path.join(out, "samples.png"))
+        with common.timed("ldm: sample grid"):
+            _sample_grid(ctx, unet, text_model, vae, ema, vae_params, schedule, os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps}
 
 
@@ -190,10 +203,9 @@ def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, r
     latent = ctx.config.data.image_size // vae_config.downsample_factor
     empty = jnp.broadcast_to(jnp.asarray(tok.encode("")), tokens.shape)
 
-    @jax.jit
     def run(params, vae_params, tokens, empty, rng):
-        cond = encode_text(text_model, params["text_encoder"], tokens, tok.pad_id)
-        uncond = encode_text(text_model, params["text_encoder"], empty, tok.pad_id)
+        cond = encode_text(text_model, params["text_encoder"], tokens, mask_pad_id(tok))
+        uncond = encode_text(text_model, params["text_encoder"], empty, mask_pad_id(tok))
 
         def eps(z, t):
             both = jnp.concatenate([cond, uncond]) if guidance != 1.0 else cond
@@ -214,4 +226,4 @@ def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, r
         x = vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode)
         return jnp.clip((x + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
 
-    return np.asarray(run(params, vae_params, tokens, empty, rng))
+    return np.asarray(common.jit(run, ctx)(params, vae_params, tokens, empty, rng))

@@ -86,7 +86,8 @@ def run(ctx: stages.Context) -> dict:
         params = vae.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed),
+                                               compiler_options=common.compiler_options(ctx))
     step = make_step(vae, tx, cfg, shardings)
     batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 1, data_state=data_state,
                                                        global_batch_size=cfg.batch_size)
@@ -99,7 +100,8 @@ def run(ctx: stages.Context) -> dict:
         peak_tflops=ctx.config.get("peak_tflops"))
 
     params = jax.device_get(state["params"])
-    scale, psnr = _calibrate_and_evaluate(ctx, vae, params, out)
+    with common.timed("vae: calibration, PSNR and reconstructions"):
+        scale, psnr = _calibrate_and_evaluate(ctx, vae, params, out)
     config = dataclasses.replace(config, scaling_factor=scale)
     if jax.process_index() == 0:
         model_io.save(os.path.join(out, "model"), "vae", config, params)
@@ -110,8 +112,8 @@ def run(ctx: stages.Context) -> dict:
 def _calibrate_and_evaluate(ctx, vae, params, out, num_examples: int = 256):
     """Latent scaling factor from training images; PSNR and a picture on validation."""
     spec, builder = common.dataset(ctx)
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).mode())
-    decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
+    encode = common.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).mode(), ctx)
+    decode = common.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode), ctx)
     latents = []
     for batch in pipeline.eval_batches(registry.data_source(spec, builder, "train"), tokenizer=common.tokenizer(ctx),
                                        global_batch_size=32, limit=num_examples):

@@ -14,7 +14,7 @@ device, so no host or device ever holds the whole state (diffusers #5849).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -59,7 +59,8 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES
     return jax.tree.map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RULES):
+def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RULES,
+                   compiler_options: Optional[dict] = None):
     """(state, shardings): `init_fn(*args)` evaluated straight into its sharding.
 
     `init_fn` may return boxed parameters (and optimiser states made from
@@ -71,7 +72,7 @@ def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RUL
     def init_unboxed(*a):
         return nn.meta.unbox(init_fn(*a))
 
-    state = jax.jit(init_unboxed, out_shardings=shardings)(*args)
+    state = jax.jit(init_unboxed, out_shardings=shardings, compiler_options=compiler_options or None)(*args)
     return state, shardings
 
 

@@ -1,0 +1,124 @@
+"""python -m sdsup.convert {import,export}: diffusers pipeline directories <-> sdsup model directories.
+
+  python -m sdsup.convert import --pretrained=DIFFUSERS_DIR --out=OUT
+      DIFFUSERS_DIR: a diffusers pipeline directory (model_index.json, unet/,
+      vae/, text_encoder/, tokenizer/, optional controlnet/ and scheduler/),
+      safetensors weights only. OUT gets sdsup model dirs (unet/, vae/,
+      text_encoder/, controlnet/), copies of tokenizer/ and scheduler/, and
+      manifest.json. Use it with --config.vae.pretrained=OUT/vae
+      --config.ldm.pretrained=OUT --config.text.tokenizer=clip
+      --config.text.tokenizer_path=OUT/tokenizer.
+
+  python -m sdsup.convert export --from=DIR --out=OUT
+      DIR: an imported directory (above) or a training workdir. OUT becomes a
+      diffusers StableDiffusionControlNetPipeline directory (a
+      StableDiffusionPipeline without a ControlNet) that loads offline with
+      from_pretrained(OUT, local_files_only=True). OUT/README.md says how to
+      use it (tokenizer, layout conditioning).
+
+Errors are printed as one line, `error: ...`, with exit status 1; set
+SDSUP_DEBUG=1 to get tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdsup.convert",
+        description="Convert between diffusers pipeline directories and sdsup model directories.",
+        epilog="See `python -m sdsup.convert import --help` and `... export --help`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{import,export}")
+    sub.required = True
+
+    imp = sub.add_parser(
+        "import", help="diffusers pipeline directory -> sdsup model directories",
+        description="Convert every model of a diffusers pipeline directory (safetensors only) into sdsup model "
+                    "directories under OUT; copy tokenizer/ and scheduler/; write OUT/manifest.json.")
+    imp.add_argument("--pretrained", required=True, metavar="DIR", help="diffusers pipeline directory")
+    imp.add_argument("--out", required=True, metavar="OUT", help="output directory (new or empty)")
+    imp.add_argument("--components", default=None, metavar="LIST",
+                     help="comma-separated subset of unet,vae,text_encoder,controlnet,tokenizer,scheduler "
+                          "(default: every one present; unet, vae, text_encoder and tokenizer required)")
+    imp.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (reads *.fp16.safetensors)")
+    imp.add_argument("--dtype", default="float32",
+                     help="cast floating weights to this dtype (default float32; 'keep' keeps the stored dtypes)")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="allow a non-empty OUT; only the entries written are replaced")
+
+    exp = sub.add_parser(
+        "export", help="imported dir or training workdir -> diffusers pipeline directory",
+        description="Write a diffusers StableDiffusionControlNetPipeline directory (loads with "
+                    "from_pretrained(OUT, local_files_only=True)) from an imported directory or a training workdir.")
+    exp.add_argument("--from", dest="source", required=True, metavar="DIR",
+                     help="an `import` output directory or a training workdir")
+    exp.add_argument("--out", required=True, metavar="OUT", help="output directory (new or empty)")
+    exp.add_argument("--scheduler", choices=("auto", "ddim"), default="auto",
+                     help="auto: copy an imported scheduler, else DDIM from the run's diffusion settings; "
+                          "ddim: always write a DDIMScheduler config")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="allow a non-empty OUT; only the entries written are replaced")
+    return parser
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(argv) -> int:
+    args = _parser().parse_args(argv)
+    # Conversions are small host-side jobs: keep jax off any accelerator and quiet.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from sdsup.convert import pipeline
+
+    if args.command == "import":
+        components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+        dtype = None if args.dtype in ("keep", "none", "") else args.dtype
+        manifest = pipeline.import_pretrained(args.pretrained, args.out, components=components, variant=args.variant,
+                                              dtype=dtype, overwrite=args.overwrite, log=_log)
+        done = sorted(manifest["components"]) + sorted(manifest["copied"])
+        print(f"imported {', '.join(done)} into {args.out}")
+        if manifest.get("usage"):
+            print("train with: " + " ".join(manifest["usage"]))
+    else:
+        summary = pipeline.export_pipeline(args.source, args.out, scheduler=args.scheduler, overwrite=args.overwrite,
+                                           log=_log)
+        print(f"exported {summary['pipeline']} ({', '.join(summary['components'])}) from {summary['source_kind']} "
+              f"{args.source} to {args.out}")
+        for note in summary.get("notes", []):
+            print(f"note: {note}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("SDSUP_DEBUG"):
+        return run(argv)
+    from sdsup.errors import SdsupError
+
+    try:
+        return run(argv)
+    except SdsupError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user error: still one line, with a pointer to the traceback
+        print(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())} "
+              f"(set SDSUP_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

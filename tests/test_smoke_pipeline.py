@@ -1,0 +1,114 @@
+"""The whole embedded pipeline at smoke size, then `sdsup.sample` on its workdir.
+
+One training run (module fixture) serves every test here; it is the
+`configs/scenes.py:smoke` config end to end: data -> vae -> ldm -> control
+(with adversarial supervision) -> evalseg.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdsup.data import scenes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("data", "vae", "ldm", "control", "evalseg")
+
+
+def _run(module, *args, timeout=900):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    wd = root / "wd"
+    result = _run("sdsup.train", "--config=configs/scenes.py:smoke", f"--workdir={wd}",
+                  f"--config.data.data_dir={root / 'tfds'}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return wd
+
+
+def test_every_stage_finished_with_its_outputs(workdir):
+    for stage in STAGES:
+        assert (workdir / stage / "DONE.json").exists(), stage
+    for picture in ("data/preview.png", "vae/reconstructions.png", "ldm/samples.png", "control/samples.png"):
+        assert (workdir / picture).stat().st_size > 1000, picture
+    for model in ("vae/model", "ldm/unet", "ldm/text_encoder", "control/controlnet", "evalseg/model"):
+        assert (workdir / model / "params.safetensors").exists(), model
+    control = json.loads((workdir / "control" / "DONE.json").read_text())
+    assert control["lambda_adv"] > 0
+    # TensorBoard event files with the losses.
+    assert list((workdir / "control").glob("events.out.tfevents.*"))
+
+
+def test_rerun_skips_finished_stages(workdir):
+    result = _run("sdsup.train", "--config=configs/scenes.py:smoke", f"--workdir={workdir}",
+                  f"--config.data.data_dir={workdir.parent / 'tfds'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("finished earlier") == len(STAGES)
+
+
+def test_sample_with_and_without_a_layout(workdir, tmp_path):
+    example = scenes.make_example(0, "test", 3, 32)
+    np.save(tmp_path / "layout.npy", example["label"])
+    out = tmp_path / "with_layout"
+    result = _run("sdsup.sample", f"--workdir={workdir}", f"--prompt={example['caption']}", f"--out={out}",
+                  f"--layout={tmp_path / 'layout.npy'}", "--num_samples=2", "--steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("image_0.png", "image_1.png", "layout.npy", "layout.png"):
+        assert (out / name).exists(), name
+    assert np.asarray(Image.open(out / "image_0.png")).shape == (32, 32, 3)
+    assert np.array_equal(np.load(out / "layout.npy"), example["label"])
+
+    text_only = tmp_path / "text_only"
+    result = _run("sdsup.sample", f"--workdir={workdir}", "--prompt=sky over snow. a tree on the left.",
+                  f"--out={text_only}", "--steps=4", "--seed=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (text_only / "image_0.png").exists()
+
+
+def test_palette_png_layout_round_trips(workdir, tmp_path):
+    from sdsup import inference, viz
+    from sdsup.data import registry
+
+    label = scenes.make_example(0, "validation", 1, 32)["label"]
+    path = tmp_path / "colour.png"
+    viz.save_png(viz.colorize(label, registry.SCENES.palette), str(path))
+    assert np.array_equal(inference.load_layout(str(path), registry.SCENES, 32), label)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty_prompt", "the prompt is empty"),
+    ("corrupt_png", "cannot read layout"),
+    ("bad_ids", "outside the 13 classes"),
+    ("wrong_size", "this model needs 32x32"),
+    ("not_a_workdir", "has no config.json"),
+])
+def test_sample_errors_are_one_clear_line(workdir, tmp_path, case, message):
+    args = [f"--workdir={workdir}", "--prompt=sky over grass.", f"--out={tmp_path / 'out'}"]
+    if case == "empty_prompt":
+        args[1] = "--prompt=   "
+    elif case == "corrupt_png":
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+        args.append(f"--layout={tmp_path / 'bad.png'}")
+    elif case == "bad_ids":
+        np.save(tmp_path / "ids.npy", np.full((32, 32), 40, np.uint8))
+        args.append(f"--layout={tmp_path / 'ids.npy'}")
+    elif case == "wrong_size":
+        np.save(tmp_path / "small.npy", np.zeros((16, 16), np.uint8))
+        args.append(f"--layout={tmp_path / 'small.npy'}")
+    elif case == "not_a_workdir":
+        args[0] = f"--workdir={tmp_path}"
+    result = _run("sdsup.sample", *args)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
