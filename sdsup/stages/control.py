@@ -233,72 +233,102 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
     return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
 
 
+class Setup:
+    """Everything the control step needs, from model configs and weights (no workdir).
+
+    The stage builds it from the finished vae/ldm stages; benchmarks and
+    tests build it from random weights.
+    """
+
+    def __init__(self, ctx: stages.Context, spec, tok, unet_config, vae_config, text_config, table: np.ndarray):
+        cfg = ctx.config.control
+        self.ctx, self.cfg, self.spec, self.tok, self.table = ctx, cfg, spec, tok, np.asarray(table, np.float32)
+        self.size = int(ctx.config.data.image_size)
+        self.latent = self.size // vae_config.downsample_factor
+        self.schedule = ldm_stage.noise_schedule(ctx)
+        self.unet, self.unet_config = UNet2DConditionModel(unet_config), unet_config
+        self.vae = AutoencoderKL(vae_config)
+        self.text_model, self.text_config = CLIPTextTransformer(text_config), text_config
+        self.cn_config = controlnet_config(ctx, unet_config, self.table.shape[1])
+        self.controlnet = ControlNetModel(self.cn_config)
+        self.seg_config = discriminator_config(ctx, spec.num_classes)
+        self.seg = UperNetSegmenter(self.seg_config)
+        self.gen_tx, _ = common.optimizer(cfg.optimizer, cfg.num_steps)
+        self.seg_tx, _ = common.optimizer(cfg.seg_optimizer, cfg.num_steps)
+
+    def hint_fn(self, labels, frozen):
+        return controlnet_lib.layout_hint(labels, self.cn_config, palette=jnp.asarray(self.spec.palette_array),
+                                          table=frozen["class_table"], ignore_id=self.spec.ignore_id)
+
+    def init(self, rng):
+        """The boxed train state: conditioner (+ AdamW, EMA), segmenter (+ AdamW), counters."""
+        r1, r2 = jax.random.split(rng)
+        gen = self.controlnet.init(r1, *controlnet_lib.dummy_inputs(self.cn_config, 1, self.latent))["params"]
+        seg_vars = self.seg.init(r2, jnp.zeros((2, self.size, self.size, 3)), train=False)
+        return {"gen": {"params": gen, "opt": self.gen_tx.init(gen), "ema": gen},
+                "seg": {"params": seg_vars["params"], "batch_stats": seg_vars["batch_stats"],
+                        "opt": self.seg_tx.init(seg_vars["params"])},
+                "adv_metrics": {k: jnp.zeros((), jnp.float32) for k in ADV_METRICS},
+                "step": jnp.zeros((), jnp.int32)}
+
+    def frozen_inits(self):
+        """Boxed-parameter initialisers of the frozen models (for their shardings)."""
+        length, dim = self.ctx.config.text.max_length, self.text_config.hidden_size
+        return {
+            "unet": lambda: self.unet.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, self.latent, self.latent, self.unet_config.in_channels)),
+                                           jnp.zeros((1,), jnp.int32), jnp.zeros((1, length, dim)))["params"],
+            "vae": lambda: self.vae.init(jax.random.PRNGKey(0), jnp.zeros((1, self.size, self.size, 3)))["params"],
+            "text_encoder": lambda: self.text_model.init(jax.random.PRNGKey(0),
+                                                         jnp.zeros((1, length), jnp.int32))["params"],
+        }
+
+    def create_state(self, mesh, unet_params, seed: int):
+        """(state, shardings) on `mesh`, the conditioner's encoder copied from the UNet."""
+        state, shardings = sharding.create_sharded(self.init, mesh, jax.random.PRNGKey(seed),
+                                                   compiler_options=common.compiler_options(self.ctx))
+        gen = controlnet_lib.controlnet_params_from_unet(unet_params, jax.device_get(state["gen"]["params"]),
+                                                         self.cn_config)
+        # Separate copies: on CPU, device_put may alias host memory, and params
+        # and EMA are donated to the step as two different buffers.
+        state["gen"]["params"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["params"])
+        state["gen"]["ema"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["ema"])
+        return state, shardings
+
+    def frozen(self, mesh, unet_params, vae_params, text_params):
+        inits = self.frozen_inits()
+        return {
+            "unet": common.place(inits["unet"], unet_params, mesh),
+            "vae": common.place(inits["vae"], vae_params, mesh),
+            "text_encoder": common.place(inits["text_encoder"], text_params, mesh),
+            "class_table": jax.device_put(jnp.asarray(self.table), sharding.replicated(mesh)),
+        }
+
+    def step(self, shardings, cfg=None):
+        """The jitted (not yet compiled) step; `cfg` overrides config.control (benchmarks)."""
+        return make_step(unet=self.unet, controlnet=self.controlnet, vae=self.vae, seg=self.seg,
+                         text_model=self.text_model, gen_tx=self.gen_tx, seg_tx=self.seg_tx, cfg=cfg or self.cfg,
+                         schedule=self.schedule, spec=self.spec, hint_fn=self.hint_fn,
+                         empty_tokens=jnp.asarray(self.tok.encode("")), pad_id=ldm_stage.mask_pad_id(self.tok),
+                         shardings=shardings)
+
+
 @stages.register(NAME)
 def run(ctx: stages.Context) -> dict:
     cfg = ctx.config.control
     out = ctx.stage_dir(NAME)
     spec, _ = common.dataset(ctx)
     tok = common.tokenizer(ctx)
-    size = ctx.config.data.image_size
-    schedule = ldm_stage.noise_schedule(ctx)
-
     vae_config, vae_params = vae_stage.load(ctx)
-    vae = AutoencoderKL(vae_config)
     models = ldm_stage.load(ctx)
     unet_config, unet_params = models["unet"]
     text_config, text_params = models["text_encoder"]
-    unet, text_model = UNet2DConditionModel(unet_config), CLIPTextTransformer(text_config)
     with common.timed("control: class embedding table"):
-        table = class_table(ctx, text_model, text_params)
-    cn_config = controlnet_config(ctx, unet_config, table.shape[1])
-    controlnet = ControlNetModel(cn_config)
-    seg_config = discriminator_config(ctx, spec.num_classes)
-    seg = UperNetSegmenter(seg_config)
-    gen_tx, _ = common.optimizer(cfg.optimizer, cfg.num_steps)
-    seg_tx, _ = common.optimizer(cfg.seg_optimizer, cfg.num_steps)
-    latent = size // vae_config.downsample_factor
-    palette = jnp.asarray(spec.palette_array)
-
-    def hint_fn(labels, frozen):
-        return controlnet_lib.layout_hint(labels, cn_config, palette=palette, table=frozen["class_table"],
-                                          ignore_id=spec.ignore_id)
-
-    def init(rng):
-        r1, r2 = jax.random.split(rng)
-        gen = controlnet.init(r1, *controlnet_lib.dummy_inputs(cn_config, 1, latent))["params"]
-        seg_vars = seg.init(r2, jnp.zeros((2, size, size, 3)), train=False)
-        return {"gen": {"params": gen, "opt": gen_tx.init(gen), "ema": gen},
-                "seg": {"params": seg_vars["params"], "batch_stats": seg_vars["batch_stats"],
-                        "opt": seg_tx.init(seg_vars["params"])},
-                "adv_metrics": {k: jnp.zeros((), jnp.float32) for k in ADV_METRICS},
-                "step": jnp.zeros((), jnp.int32)}
-
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 40),
-                                               compiler_options=common.compiler_options(ctx))
-    # ControlNet's copy rule: the encoder starts as the (frozen) UNet's encoder.
-    gen = controlnet_lib.controlnet_params_from_unet(unet_params, jax.device_get(state["gen"]["params"]), cn_config)
-    # Separate copies: on CPU, device_put may alias host memory, and params and
-    # EMA are donated to the step as two different buffers.
-    state["gen"]["params"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["params"])
-    state["gen"]["ema"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["ema"])
-
-    mesh = ctx.mesh
-    frozen = {
-        "unet": common.place(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, latent, latent, unet_config.in_channels)),
-                                               jnp.zeros((1,), jnp.int32),
-                                               jnp.zeros((1, ctx.config.text.max_length, text_config.hidden_size)))["params"],
-                             unet_params, mesh),
-        "vae": common.place(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
-                            vae_params, mesh),
-        "text_encoder": common.place(lambda: text_model.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, ctx.config.text.max_length), jnp.int32))["params"], text_params, mesh),
-        "class_table": jax.device_put(jnp.asarray(table), sharding.replicated(mesh)),
-    }
-    step = make_step(unet=unet, controlnet=controlnet, vae=vae, seg=seg, text_model=text_model, gen_tx=gen_tx,
-                     seg_tx=seg_tx, cfg=cfg, schedule=schedule, spec=spec, hint_fn=hint_fn,
-                     empty_tokens=jnp.asarray(tok.encode("")), pad_id=ldm_stage.mask_pad_id(tok),
-                     shardings=shardings)
-    compiled = common.compile_step(step, state, ctx, cfg.batch_size, frozen)
+        table = class_table(ctx, CLIPTextTransformer(text_config), text_params)
+    setup = Setup(ctx, spec, tok, unet_config, vae_config, text_config, table)
+    state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40)
+    frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
+    compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
     batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 41, data_state=data_state,
                                                        global_batch_size=cfg.batch_size)
     state = loop.run(
@@ -311,8 +341,8 @@ def run(ctx: stages.Context) -> dict:
     ema = jax.device_get(state["gen"]["ema"])
     seg_vars = jax.device_get({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
     if jax.process_index() == 0:
-        model_io.save(os.path.join(out, "controlnet"), "controlnet", cn_config, ema)
-        model_io.save(os.path.join(out, "discriminator"), "segmenter", seg_config, seg_vars)
+        model_io.save(os.path.join(out, "controlnet"), "controlnet", setup.cn_config, ema)
+        model_io.save(os.path.join(out, "discriminator"), "segmenter", setup.seg_config, seg_vars)
         np.save(os.path.join(out, "class_table.npy"), table)
         with common.timed("control: sample grid"):
             sample_grid(ctx, os.path.join(out, "samples.png"))
@@ -358,3 +388,20 @@ def sample_grid(ctx, path: str, num: int = 6) -> None:
     rows = [{"caption": c, "panels": [lab, img, real]}
             for c, lab, img, real in zip(batch["caption"], batch["label"], images, batch["image"])]
     viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id), path)
+
+
+def random_setup(ctx: stages.Context, seed: int = 0):
+    """(Setup, {"unet", "vae", "text_encoder"} random weights) sized by the config.
+
+    For benchmarks and tests of the step itself: no workdir, no training.
+    """
+    import flax.linen as nn
+
+    spec = registry.get(ctx.config.data.name)
+    tok = common.tokenizer(ctx)
+    unet_config, text_config = ldm_stage.model_configs(ctx)
+    table = np.random.default_rng(seed).normal(size=(spec.num_classes, text_config.hidden_size)).astype(np.float32)
+    setup = Setup(ctx, spec, tok, unet_config, vae_stage.model_config(ctx), text_config, table)
+    params = {name: jax.device_get(nn.meta.unbox(jax.jit(init)()))
+              for name, init in setup.frozen_inits().items()}
+    return setup, params
