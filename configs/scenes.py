@@ -8,16 +8,24 @@ Commands:
   python -m sdsup.train --config=configs/scenes.py:smoke --workdir=workdirs/smoke
   # any field can be overridden, e.g. --config.input.batch_size=64
 
-Stages run in order (`config.stages`); finished ones are skipped on re-runs.
-Currently: `data` (build the dataset, write a preview grid and statistics).
-The model stages (vae, ldm, layout, control, evalseg) join as they land.
+Stages run in order (`config.stages`); finished ones are skipped on re-runs:
+  data     build the dataset; preview grid and statistics
+  vae      autoencoder, 64x64 images -> 16x16x4 latents
+  ldm      text encoder + latent UNet (noise loss, caption dropout, EMA)
+  control  segmentation conditioner with ALDM adversarial supervision
+  evalseg  evaluation segmenter on real images only
+(The text -> layout stage joins with its issue.)
 
 Expected runtime on 2 CPU cores:
-  default: data stage ~40 s (8,000 + 500 + 500 examples at 64x64).
-  smoke:   data stage ~10 s (512 + 64 + 64 examples at 32x32).
-Expected result: `WORKDIR/data/preview.png` (caption | image | colour-coded
-layout | legend) and `WORKDIR/data/stats.json` (class pixel frequencies per
-split, caption lengths, held-out compositions: 0 in train, every test example).
+  smoke:   ~4-7 minutes from a cold compilation cache (compiling the five
+           stages' steps dominates; ~1.5 minutes warm). Target: 3 minutes.
+  default: ~25 minutes, estimated from measured step times (vae 250 x ~1.0 s,
+           ldm 600 x ~0.8 s, control 400 x ~1-2 s, evalseg 400 x ~0.2 s, plus
+           ~4 minutes of compiles); not yet measured end to end.
+Expected result: every stage's DONE.json; `WORKDIR/data/preview.png`,
+`WORKDIR/vae/reconstructions.png`, `WORKDIR/ldm/samples.png` and
+`WORKDIR/control/samples.png` (caption | layout | generated | real); the
+smoke run's pictures are noise-like (tens of steps), it checks the plumbing.
 """
 
 import ml_collections
@@ -62,17 +70,17 @@ def get_config(arg: str = ""):
   c.vae = ml_collections.ConfigDict()
   c.vae.pretrained = config_dict.placeholder(str)  # an sdsup model dir to use instead of training
   c.vae.model = ml_collections.ConfigDict(dict(
-      block_out_channels=(16, 32, 32) if smoke else (32, 64, 64), layers_per_block=1, latent_channels=4,
-      norm_num_groups=8 if smoke else 16, mid_block_add_attention=True, remat=False))
-  c.vae.num_steps = 30 if smoke else 1200
-  c.vae.batch_size = 8 if smoke else 32
+      block_out_channels=(16, 32, 32) if smoke else (16, 32, 64), layers_per_block=1, latent_channels=4,
+      norm_num_groups=8, mid_block_add_attention=True, remat=False))
+  c.vae.num_steps = 30 if smoke else 250
+  c.vae.batch_size = 8 if smoke else 16
   c.vae.micro_batches = 1
   c.vae.optimizer = ml_collections.ConfigDict(dict(
-      lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 100, weight_decay=0.0, grad_clip=1.0))
+      lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 25, weight_decay=0.0, grad_clip=1.0))
   c.vae.l1_weight = 1.0
   c.vae.l2_weight = 1.0
   c.vae.kl_weight = 1e-6
-  c.vae.log_every = 10 if smoke else 100
+  c.vae.log_every = 10 if smoke else 25
   c.vae.checkpoint_every = 1000
   c.vae.keep_checkpoints = 2
 
@@ -93,19 +101,20 @@ def get_config(arg: str = ""):
     unet = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, norm_num_groups=8)
   else:
-    unet = dict(block_out_channels=(32, 64, 96),
+    # Attention only at 8x8 and 4x4: at 16x16 it doubles the step time.
+    unet = dict(block_out_channels=(32, 64, 64),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 attention_head_dim=4, norm_num_groups=16)
   c.ldm.unet = ml_collections.ConfigDict(dict(unet, layers_per_block=1, remat=False))
-  c.ldm.num_steps = 30 if smoke else 3000
+  c.ldm.num_steps = 30 if smoke else 600
   c.ldm.batch_size = 8 if smoke else 32
   c.ldm.micro_batches = 1
   c.ldm.caption_dropout = 0.1
-  c.ldm.ema_decay = 0.99 if smoke else 0.999
+  c.ldm.ema_decay = 0.99 if smoke else 0.995
   c.ldm.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 200, weight_decay=0.0, grad_clip=1.0))
-  c.ldm.log_every = 10 if smoke else 100
+      lr=1e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 50, weight_decay=0.0, grad_clip=1.0))
+  c.ldm.log_every = 10 if smoke else 50
   c.ldm.checkpoint_every = 1000
   c.ldm.keep_checkpoints = 2
 
@@ -115,11 +124,11 @@ def get_config(arg: str = ""):
   c.control.class_prompt = "{}"  # text (with the class's caption phrase) whose pooled embedding encodes it
   c.control.hint_channels = ()  # () = the default hint encoder for the encoding
   c.control.conditioning_scale = 1.0
-  c.control.num_steps = 16 if smoke else 2000
-  c.control.batch_size = 8 if smoke else 32
+  c.control.num_steps = 16 if smoke else 400
+  c.control.batch_size = 8 if smoke else 16
   c.control.micro_batches = 1
   c.control.caption_dropout = 0.1
-  c.control.ema_decay = 0.99 if smoke else 0.999
+  c.control.ema_decay = 0.99 if smoke else 0.99
   # ALDM (METHOD.md): lambda_adv 0.5 and lambda_fake 0.001 as for ADE20K; K=9 on a
   # 25-step DDIM grid; every 8th step. Ramp and segmenter start scaled to this run.
   c.control.lambda_adv = 0.5
@@ -127,32 +136,32 @@ def get_config(arg: str = ""):
   c.control.n_lazy = 4 if smoke else 8
   c.control.grid_steps = 10 if smoke else 25
   c.control.unroll_steps = 2 if smoke else 9
-  c.control.ramp_start = 4 if smoke else 800
-  c.control.ramp_end = 8 if smoke else 1400
+  c.control.ramp_start = 4 if smoke else 150
+  c.control.ramp_end = 8 if smoke else 300
   c.control.seg_start = 0
   c.control.optimizer = ml_collections.ConfigDict(dict(
-      lr=5e-4, schedule="warmup_cosine", warmup_steps=2 if smoke else 100, weight_decay=0.0, grad_clip=1.0))
+      lr=5e-4, schedule="warmup_cosine", warmup_steps=2 if smoke else 25, weight_decay=0.0, grad_clip=1.0))
   # The discriminator trains from scratch here (ALDM fine-tunes an ADE20K
   # UperNet at lr 1e-6), so it needs a much larger rate.
   c.control.seg_optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.005, grad_clip=1.0))
   c.control.discriminator = ml_collections.ConfigDict(dict(
-      embedding_size=16 if smoke else 32, hidden_sizes=(16, 32, 64) if smoke else (32, 64, 128),
-      depths=(1, 1, 1), layer_type="basic", head_channels=32 if smoke else 64, pool_scales=(1, 2, 4)))
-  c.control.log_every = 4 if smoke else 100
+      embedding_size=16, hidden_sizes=(16, 32, 64), depths=(1, 1, 1), layer_type="basic", head_channels=32,
+      pool_scales=(1, 2, 4)))
+  c.control.log_every = 4 if smoke else 50
   c.control.checkpoint_every = 1000
   c.control.keep_checkpoints = 2
 
   # Stage `evalseg`: UperNet + ResNet segmenter on real images only (scores generated images).
   c.evalseg = ml_collections.ConfigDict()
   c.evalseg.model = ml_collections.ConfigDict(dict(
-      embedding_size=16 if smoke else 32, hidden_sizes=(16, 32, 64) if smoke else (32, 64, 128),
-      depths=(1, 1, 1), layer_type="basic", head_channels=32 if smoke else 64, pool_scales=(1, 2, 4)))
-  c.evalseg.num_steps = 30 if smoke else 1500
+      embedding_size=16, hidden_sizes=(16, 32, 64), depths=(1, 1, 1), layer_type="basic", head_channels=32,
+      pool_scales=(1, 2, 4)))
+  c.evalseg.num_steps = 30 if smoke else 400
   c.evalseg.batch_size = 8 if smoke else 32
   c.evalseg.optimizer = ml_collections.ConfigDict(dict(
-      lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 100, weight_decay=1e-4, grad_clip=1.0))
-  c.evalseg.log_every = 10 if smoke else 100
+      lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 25, weight_decay=1e-4, grad_clip=1.0))
+  c.evalseg.log_every = 10 if smoke else 50
   c.evalseg.checkpoint_every = 1000
   c.evalseg.keep_checkpoints = 2
 
