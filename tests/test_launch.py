@@ -43,7 +43,7 @@ def test_slurm_dry_run():
 def test_local_multiprocess_runs_the_data_stage(tmp_path):
     env = {"NUM_PROCESSES": "2", "PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("XLA_FLAGS", None)
-    out = _bash([os.path.join(LAUNCH, "local_multiprocess.sh"), "--config=configs/scenes.py:smoke",
+    out = _bash([os.path.join(LAUNCH, "local_multiprocess.sh"), "--config=configs/scenes.py:smoke", "--only=data",
                  f"--workdir={tmp_path / 'wd'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
                  "--config.data.num_train=32", "--config.data.num_validation=8", "--config.data.num_test=8"], env)
     assert out.returncode == 0, out.stderr[-3000:]

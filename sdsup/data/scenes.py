@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

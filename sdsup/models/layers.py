@@ -33,17 +33,91 @@ Array = jax.Array
 # uniform in +-1/sqrt(fan_in), which is variance_scaling(1/3, fan_in, uniform).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
+_F32 = jnp.float32
+_EXPERIMENT = {}  # TEMPORARY A/B switches
+
 
 # ---------------------------------------------------------------------------
 # Convolution and dense layers carrying logical axes.
+#
+# Both have hand-written backward passes for the weight gradient. Autodiff
+# gives it as x^T @ dy with both operands contracted over their leading
+# (batch*pixels) axis, a form XLA on CPU runs through a slow generic matmul
+# (~60 GFLOP/s against ~150 for the same product with one operand
+# transposed first), and for 3x3 convolutions as a convolution over the
+# batch that is 1.3-3x slower than the nine shifted matmuls used here.
+# Forward passes and input gradients are XLA's own.
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x: Array, kernel: Array, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: Array, kernel: Array, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]) -> Array:
+    """NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding."""
+    return _conv(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+    x, kernel = residuals
+    _, dx_fn = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)
+    (dx,) = dx_fn(dy)
+    kh, kw, ci, co = kernel.shape
+    b, ho, wo, _ = dy.shape
+    m = b * ho * wo
+    sh, sw = strides
+    # dW[i, j] = sum over output pixels of x_pad[pixel shifted by (i, j)] (x) dy[pixel]:
+    # one matmul per kernel tap, both operands pixels-minor ([C, M]), which is
+    # the layout XLA multiplies fastest.
+    xt = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0)) + tuple(padding))  # [Ci, B, Hp, Wp]
+    dyt = dy.transpose(3, 0, 1, 2).reshape(co, m)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = xt[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw].reshape(ci, m)
+            taps.append(jax.lax.dot_general(dyt, window, (((1,), (1,)), ((), ())), preferred_element_type=_F32))
+    dkernel = jnp.stack(taps).reshape(kh, kw, co, ci).transpose(0, 1, 3, 2)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@jax.custom_vjp
+def dense(x: Array, kernel: Array) -> Array:
+    """x [..., in] @ kernel [in, out]."""
+    return jnp.einsum("...i,io->...o", x, kernel)
+
+
+def _dense_fwd(x, kernel):
+    return dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, dy):
+    x, kernel = residuals
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = jax.lax.dot_general(dy2, kernel, (((1,), (1,)), ((), ())))
+    dkernel = jnp.dot(x2.T, dy2, preferred_element_type=_F32)
+    return dx.reshape(x.shape), dkernel.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Conv(nn.Module):
     """2-D convolution over NHWC with an HWIO kernel.
 
     `padding` is ((top, bottom), (left, right)) or "SAME"/"VALID". A 1x1
-    convolution is computed as a matmul over channels: identical numbers, and
-    it lets XLA fuse the surrounding reshapes instead of calling a convolution.
+    stride-1 convolution is computed as a matmul over channels (identical
+    numbers, cheaper).
     """
 
     features: int
@@ -63,20 +137,28 @@ class Conv(nn.Module):
         )
         kernel = kernel.astype(self.dtype)
         x = x.astype(self.dtype)
-        if (kh, kw) == (1, 1) and tuple(self.strides) == (1, 1) and self.padding in ("SAME", "VALID", ((0, 0), (0, 0))):
-            y = jnp.einsum("...i,io->...o", x, kernel[0, 0])
+        strides = tuple(self.strides)
+        if isinstance(self.padding, str):
+            padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, self.padding))
         else:
-            y = jax.lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=self.strides,
-                padding=self.padding,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            padding = tuple(tuple(p) for p in self.padding)
+        if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
+            y = dense(x, kernel[0, 0])
+        else:
+            y = conv2d(x, kernel, strides, padding)
         if self.use_bias:
             bias = self.param("bias", with_axes(nn.initializers.zeros, BIAS), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+
+def _dense_params(module: nn.Module, in_features: int, features: int, use_bias: bool, param_dtype, kernel_init):
+    """Create (kernel [in, out], bias [out] or None) in `module`'s scope."""
+    kernel = module.param("kernel", with_axes(kernel_init, DENSE_KERNEL), (in_features, features), param_dtype)
+    bias = None
+    if use_bias:
+        bias = module.param("bias", with_axes(nn.initializers.zeros, BIAS), (features,), param_dtype)
+    return kernel, bias
 
 
 class Dense(nn.Module):
@@ -90,14 +172,35 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel", with_axes(self.kernel_init, DENSE_KERNEL), (x.shape[-1], self.features), self.param_dtype
-        )
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", with_axes(nn.initializers.zeros, BIAS), (self.features,), self.param_dtype)
+        kernel, bias = _dense_params(self, x.shape[-1], self.features, self.use_bias, self.param_dtype, self.kernel_init)
+        y = dense(x.astype(self.dtype), kernel.astype(self.dtype))
+        if bias is not None:
             y = y + bias.astype(self.dtype)
         return y
+
+
+class DenseParams(nn.Module):
+    """A Dense layer's parameters, returned unapplied, so that several layers can run as one matmul."""
+
+    features: int
+    use_bias: bool = True
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = torch_default_kernel_init
+
+    @nn.compact
+    def __call__(self, in_features: int) -> Tuple[Array, Optional[Array]]:
+        return _dense_params(self, in_features, self.features, self.use_bias, self.param_dtype, self.kernel_init)
+
+
+def _fused_dense(x: Array, params: Sequence[Tuple[Array, Optional[Array]]], dtype) -> Tuple[Array, ...]:
+    """x @ [W1 | W2 | ...] as one matmul (one pass over x, one bigger, faster
+    product), split back into the layers' outputs."""
+    kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(dtype)
+    y = dense(x.astype(dtype), kernel)
+    if params[0][1] is not None:
+        y = y + jnp.concatenate([b for _, b in params]).astype(dtype)
+    sizes = np.cumsum([k.shape[1] for k, _ in params])[:-1]
+    return tuple(jnp.split(y, sizes, axis=-1))
 
 
 # ---------------------------------------------------------------------------
@@ -145,10 +248,11 @@ def _group_norm_nc_fwd(x, scale, bias, num_groups, epsilon, silu):
     x32 = x.astype(jnp.float32)
     mean, rstd = _group_stats(x32, num_groups, epsilon)
     c = x.shape[-1]
-    # Fold normalisation and affine into one multiply-add per element.
+    # (x - mean) * (rstd * gamma) + beta: one subtract and one multiply-add
+    # per element. Folding the mean into the offset as well (x * a + b, as
+    # PyTorch does) would cancel digits when |mean| >> std.
     a = _per_channel(rstd, c) * scale.astype(jnp.float32)
-    b = bias.astype(jnp.float32) - _per_channel(mean, c) * a
-    z = x32 * a + b
+    z = (x32 - _per_channel(mean, c)) * a + bias.astype(jnp.float32)
     y = z * jax.nn.sigmoid(z) if silu else z
     return y.astype(x.dtype), (x, scale, bias, mean, rstd)
 
@@ -304,101 +408,144 @@ def _attention_reference(q: Array, k: Array, v: Array) -> Array:
 # Chunked attention. XLA on CPU does not fuse matmul + softmax, so the plain
 # formulation writes the whole [B, H, L, T] score matrix several times and
 # keeps two of them for the backward pass: at 1024 tokens that is 134 MB per
-# array, which streams through memory and is freshly page-faulted on every
-# step (large XLA buffers are mmapped per execution). Here each loop
-# iteration handles one (batch*head, query block) pair whose [block_q, T]
-# scores stay in cache, the forward saves only the output and the row
-# log-sum-exp, and the backward recomputes the probabilities block by block
-# (the FlashAttention recurrence, without the online softmax: every block
-# sees all keys, so its row maxima are exact).
+# array, streamed through memory and freshly page-faulted on every step
+# (XLA's temporary buffers are mmapped per execution). Here each loop
+# iteration handles a (group of heads, block of queries) pair whose scores
+# stay in cache; the forward pass saves only the output and the row
+# log-sum-exp, and the backward pass recomputes the probabilities block by
+# block (FlashAttention's backward; no online softmax is needed in the
+# forward pass because every block sees all keys). Measured fwd+bwd at 1024
+# tokens, 8x4 heads of 16: 3.5-4x faster than the plain einsums or
+# jax.nn.dot_product_attention, and faster than PyTorch's CPU SDPA.
 
-_F32 = jnp.float32
+def _bmm(a: Array, b: Array) -> Array:
+    """[G, M, K] @ [G, K, N] -> [G, M, N] in float32."""
+    return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=_F32)
 
 
-def _chunked_fwd(q: Array, k: Array, v: Array, block_q: int):
+def _chunked_fwd(q: Array, k: Array, v: Array, block_q: int, group: int):
     """q [N, L, D] (pre-scaled by 1/sqrt(D)), k/v [N, T, D] -> o [N, L, D], lse [N, L]."""
     n, l, d = q.shape
-    blocks = l // block_q
+    t = k.shape[1]
+    blocks, groups = l // block_q, n // group
+    kt = jnp.swapaxes(k, 1, 2).reshape(groups, group, d, t)
+    vg = v.reshape(groups, group, t, d)
+    qb = q.reshape(groups, group, blocks, block_q, d).transpose(0, 2, 1, 3, 4).reshape(-1, group, block_q, d)
 
     def one_block(args):
-        qb, i = args
-        kn, vn = k[i], v[i]
-        s = jnp.dot(qb, kn.T, preferred_element_type=_F32)  # [block_q, T]
+        qi, gi = args
+        s = _bmm(qi, kt[gi])  # [group, block_q, T]
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - m)
         denom = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.dot(p.astype(vn.dtype), vn, preferred_element_type=_F32) / denom
-        return o.astype(qb.dtype), (m + jnp.log(denom))[:, 0]
+        o = _bmm(p.astype(v.dtype), vg[gi]) / denom
+        return o.astype(q.dtype), (m + jnp.log(denom))[..., 0]
 
-    owner = jnp.arange(n * blocks) // blocks
-    o, lse = jax.lax.map(one_block, (q.reshape(n * blocks, block_q, d), owner))
-    return o.reshape(n, l, d), lse.reshape(n, l)
+    o, lse = jax.lax.map(one_block, (qb, jnp.arange(groups * blocks) // blocks))
+    o = o.reshape(groups, blocks, group, block_q, d).transpose(0, 2, 1, 3, 4).reshape(n, l, d)
+    lse = lse.reshape(groups, blocks, group, block_q).transpose(0, 2, 1, 3).reshape(n, l)
+    return o, lse
 
 
-def _chunked_bwd_core(q, k, v, o, lse, do, block_q: int):
+def _chunked_bwd(q, k, v, o, lse, do, block_q: int, group: int):
     n, l, d = q.shape
-    blocks = l // block_q
+    t = k.shape[1]
+    blocks, groups = l // block_q, n // group
     delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)  # [N, L]
 
-    def one_head(args):
-        qn, kn, vn, don, lsen, deltan = args
+    # Everything below is laid out so that each of the five matmuls reads its
+    # operands in stored order (transposed copies are made once, outside the
+    # loops): XLA falls back to a slow matmul when both operands contract
+    # over their leading axis. Scores are computed transposed, [T, block_q].
+    def query_blocks(x):  # [N, L, D] -> [groups, blocks, group, block_q, D]
+        return x.reshape(groups, group, blocks, block_q, d).transpose(0, 2, 1, 3, 4)
 
-        # Everything is computed transposed ([T, block_q]) so that each of
-        # the five matmuls reads its operands in their stored order.
+    def row_blocks(x):  # [N, L] -> [groups, blocks, group, block_q]
+        return x.reshape(groups, group, blocks, block_q).transpose(0, 2, 1, 3)
+
+    kg = k.reshape(groups, group, t, d)
+    vg = v.reshape(groups, group, t, d)
+    qb, dob = query_blocks(q), query_blocks(do)
+
+    def one_group(args):
+        kn, ktn, vn, qn, qtn, don, dotn, lsen, deltan = args
+
         def one_block(carry, xs):
             dk, dv = carry
-            qb, dob, lseb, deltab = xs
-            pt = jnp.exp(jnp.dot(kn, qb.T, preferred_element_type=_F32) - lseb[None, :])
-            dv = dv + jnp.dot(pt.astype(dob.dtype), dob, preferred_element_type=_F32)
-            dpt = jnp.dot(vn, dob.T, preferred_element_type=_F32)
-            dst = pt * (dpt - deltab[None, :])
-            dk = dk + jnp.dot(dst.astype(qb.dtype), qb, preferred_element_type=_F32)
-            dqt = jnp.dot(kn.T, dst.astype(kn.dtype), preferred_element_type=_F32)  # [D, block_q]
-            return (dk, dv), dqt.T
+            qi, qti, doi, doti, lsei, deltai = xs
+            pt = jnp.exp(_bmm(kn, qti) - lsei[:, None, :])  # [group, T, block_q]
+            dv = dv + _bmm(pt.astype(doi.dtype), doi)
+            dst = pt * (_bmm(vn, doti) - deltai[:, None, :])
+            dk = dk + _bmm(dst.astype(qi.dtype), qi)
+            dqt = _bmm(ktn, dst.astype(kn.dtype))  # [group, D, block_q]
+            return (dk, dv), dqt
 
-        xs = (
-            qn.reshape(blocks, block_q, d),
-            don.reshape(blocks, block_q, d),
-            lsen.reshape(blocks, block_q),
-            deltan.reshape(blocks, block_q),
-        )
         zeros = jnp.zeros(kn.shape, _F32)
-        (dk, dv), dq = jax.lax.scan(one_block, (zeros, zeros), xs)
-        return dq.reshape(l, d).astype(qn.dtype), dk.astype(kn.dtype), dv.astype(vn.dtype)
+        (dk, dv), dqt = jax.lax.scan(one_block, (zeros, zeros), (qn, qtn, don, dotn, lsen, deltan))
+        return dqt, dk.astype(kn.dtype), dv.astype(vn.dtype)
 
-    return jax.lax.map(one_head, (q, k, v, do, lse, delta))
+    dqt, dk, dv = jax.lax.map(
+        one_group,
+        (
+            kg,
+            jnp.swapaxes(kg, 2, 3),
+            vg,
+            qb,
+            jnp.swapaxes(qb, 3, 4),
+            dob,
+            jnp.swapaxes(dob, 3, 4),
+            row_blocks(lse),
+            row_blocks(delta),
+        ),
+    )
+    # dqt: [groups, blocks, group, D, block_q]
+    dq = jnp.swapaxes(dqt, 3, 4).transpose(0, 2, 1, 3, 4).reshape(n, l, d).astype(q.dtype)
+    return dq, dk.reshape(n, t, d), dv.reshape(n, t, d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_attention_nld(q: Array, k: Array, v: Array, block_q: int) -> Array:
-    return _chunked_fwd(q, k, v, block_q)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_attention_nld(q: Array, k: Array, v: Array, block_q: int, group: int) -> Array:
+    return _chunked_fwd(q, k, v, block_q, group)[0]
 
 
-def _chunked_attention_nld_fwd(q, k, v, block_q):
-    o, lse = _chunked_fwd(q, k, v, block_q)
+def _chunked_attention_nld_fwd(q, k, v, block_q, group):
+    o, lse = _chunked_fwd(q, k, v, block_q, group)
     return o, (q, k, v, o, lse)
 
 
-def _chunked_attention_nld_bwd(block_q, residuals, do):
-    q, k, v, o, lse = residuals
-    return _chunked_bwd_core(q, k, v, o, lse, do, block_q)
+def _chunked_attention_nld_bwd(block_q, group, residuals, do):
+    return _chunked_bwd(*residuals, do, block_q, group)
 
 
 _chunked_attention_nld.defvjp(_chunked_attention_nld_fwd, _chunked_attention_nld_bwd)
 
-# Score-block size per loop iteration, in elements: 64k floats = 256 KB,
-# half of this CPU's per-core L2.
-_CHUNK_SCORES = 1 << 16
+# Loop iteration size, in score elements: query blocks of ~1 MB of float32
+# scores per head, ~4 MB per iteration over a group of heads. Measured at
+# 1024 and 256 tokens: smaller iterations pay per-op overhead (each is a
+# handful of XLA ops), larger ones fall out of cache; the optimum is flat.
+_BLOCK_SCORES = 1 << 18
+_ITERATION_SCORES = 1 << 20
 
 
-def chunked_attention(q: Array, k: Array, v: Array, block_q: Optional[int] = None) -> Array:
-    """Exact attention on [B, L, H, D] inputs, computed in query blocks (see above)."""
+def chunked_attention(q: Array, k: Array, v: Array, block_q: Optional[int] = None, group: Optional[int] = None) -> Array:
+    """Exact attention on [B, L, H, D] inputs, computed in blocks (see above).
+
+    `block_q` queries of `group` (batch*head) pairs per loop iteration; by
+    default _BLOCK_SCORES score elements per head and _ITERATION_SCORES per
+    iteration.
+    """
     b, l, h, d = q.shape
     t = k.shape[1]
+    n = b * h
     if block_q is None:
-        block_q = max(16, min(512, _CHUNK_SCORES // t))
+        block_q = max(16, _BLOCK_SCORES // t)
     block_q = min(block_q, l)
-    padded = -(-l // block_q) * block_q
+    num_blocks = -(-l // block_q)
+    block_q = -(-l // num_blocks)  # same block count, least padding
+    padded = num_blocks * block_q
+    if group is None:
+        group = max(1, _ITERATION_SCORES // (block_q * t))
+    group = max(g for g in range(1, min(group, n) + 1) if n % g == 0)
     q = q * jnp.asarray(d**-0.5, q.dtype)
     if padded != l:
         # Zero query rows attend uniformly and are cut off again; their
@@ -406,16 +553,16 @@ def chunked_attention(q: Array, k: Array, v: Array, block_q: Optional[int] = Non
         q = jnp.pad(q, ((0, 0), (0, padded - l), (0, 0), (0, 0)))
 
     def heads_first(x):
-        return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
+        return x.transpose(0, 2, 1, 3).reshape(n, x.shape[1], d)
 
-    o = _chunked_attention_nld(heads_first(q), heads_first(k), heads_first(v), block_q)
+    o = _chunked_attention_nld(heads_first(q), heads_first(k), heads_first(v), block_q, group)
     return o.reshape(b, h, padded, d)[:, :, :l].transpose(0, 2, 1, 3)
 
 
-# Above this many score elements per (batch, head), "auto" uses the chunked
-# kernel; below it the whole score matrix is small and the fused XLA
-# dot_product_attention is as fast.
-_AUTO_CHUNK_MIN_SCORES = 128 * 1024
+# From this many score elements per (batch, head) on, "auto" uses the chunked
+# kernel (at 256x256 it is on par with jax.nn.dot_product_attention and
+# twice as fast as the plain einsums; below, the plain einsums are fastest).
+_AUTO_CHUNK_MIN_SCORES = 256 * 256
 
 
 def attention(query: Array, key: Array, value: Array, implementation: str = "auto") -> Array:
@@ -423,14 +570,14 @@ def attention(query: Array, key: Array, value: Array, implementation: str = "aut
 
     query [B, Lq, H, D], key/value [B, Lk, H, D] -> [B, Lq, H, D]. Works for
     self- and cross-attention (Lk != Lq). `implementation`:
-      "auto":     "chunked" for long sequences, else "jax".
+      "auto":     "chunked" for long sequences, else "xla".
       "chunked":  `chunked_attention` (exact; custom VJP, recomputes scores).
       "jax":      jax.nn.dot_product_attention.
       "xla":      softmax(q k^T) v as plain einsums (the reference).
     """
     if implementation == "auto":
         long = query.shape[1] * key.shape[1] >= _AUTO_CHUNK_MIN_SCORES
-        implementation = "chunked" if long else "jax"
+        implementation = "chunked" if long else "xla"
     if implementation == "chunked":
         return chunked_attention(query, key, value)
     if implementation == "jax":
@@ -459,15 +606,31 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
         inner = self.heads * self.dim_head
-        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        context = x if context is None else context
+        params = functools.partial(DenseParams, inner, use_bias=self.qkv_bias, param_dtype=self.param_dtype)
         b, lq, _ = x.shape
-        lk = context.shape[1]
-        q = dense(inner, use_bias=self.qkv_bias, name="to_q")(x).reshape(b, lq, self.heads, self.dim_head)
-        k = dense(inner, use_bias=self.qkv_bias, name="to_k")(context).reshape(b, lk, self.heads, self.dim_head)
-        v = dense(inner, use_bias=self.qkv_bias, name="to_v")(context).reshape(b, lk, self.heads, self.dim_head)
+        wq = params(name="to_q")(x.shape[-1])
+        kv_in = x if context is None else context
+        wk = params(name="to_k")(kv_in.shape[-1])
+        wv = params(name="to_v")(kv_in.shape[-1])
+        if context is None and not _EXPERIMENT.get("no_fuse_qkv"):
+            q, k, v = _fused_dense(x, (wq, wk, wv), self.dtype)
+        elif context is None:
+            q, k, v = (_fused_dense(x, (w,), self.dtype)[0] for w in (wq, wk, wv))
+        else:
+            (q,) = _fused_dense(x, (wq,), self.dtype)
+            k, v = _fused_dense(context, (wk, wv), self.dtype)
+        lk = kv_in.shape[1]
+        q = q.reshape(b, lq, self.heads, self.dim_head)
+        k = k.reshape(b, lk, self.heads, self.dim_head)
+        v = v.reshape(b, lk, self.heads, self.dim_head)
         o = attention(q, k, v, self.attention_impl).reshape(b, lq, inner)
-        return dense(self.out_features or x.shape[-1], use_bias=self.out_bias, name="to_out_0")(o)
+        return Dense(
+            self.out_features or x.shape[-1],
+            use_bias=self.out_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="to_out_0",
+        )(o)
 
 
 class GEGLU(nn.Module):

@@ -173,3 +173,30 @@ def timed(what: str):
     start = time.perf_counter()
     yield
     logging.info("%s took %.1f s", what, time.perf_counter() - start)
+
+
+def apply_gradients(tx, params: Any, opt_state: Any, grads: Any) -> Tuple[Any, Any, jax.Array]:
+    """(new params, new optimiser state, global gradient norm)."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    return params, opt_state, norm
+
+
+def train(ctx: stages.Context, name: str, cfg, state: Any, shardings: Any, step_fn: Callable, seed_offset: int):
+    """Runs the shared loop for a stage with its config section `cfg`.
+
+    The stage's data order and step rngs derive from `config.seed +
+    seed_offset`, so stages never share random streams.
+    """
+    from sdsup.trainer import loop
+
+    seed = ctx.config.seed + seed_offset
+    batches = lambda data_state: train_batches(ctx, seed=seed, data_state=data_state,
+                                               global_batch_size=cfg.batch_size)
+    return loop.run(
+        name=name, stage_dir=ctx.stage_dir(name), state=state, shardings=shardings, step_fn=step_fn,
+        make_batches=batches, rng=jax.random.PRNGKey(seed + 1), num_steps=cfg.num_steps,
+        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(step_fn),
+        peak_tflops=ctx.config.get("peak_tflops"))

@@ -27,12 +27,9 @@ Leaves `WORKDIR/control/controlnet/` (EMA weights), `.../discriminator/`,
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from sdsup import segmentation, stages, viz
 from sdsup.data import pipeline, registry
@@ -48,7 +45,7 @@ from sdsup.models.vae import AutoencoderKL
 from sdsup.stages import common
 from sdsup.stages import ldm as ldm_stage
 from sdsup.stages import vae as vae_stage
-from sdsup.trainer import loop, sharding
+from sdsup.trainer import sharding
 
 NAME = "control"
 ADV_METRICS = ("loss/adv", "loss/adv_step0", "loss/seg_real", "loss/seg_fake", "seg/acc_real", "seg/acc_fake")
@@ -204,9 +201,8 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
             x_real = decode(frozen["vae"], vae.scale_latents(posterior.mode()))
             (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
                 seg_state["params"], seg_state["batch_stats"], x_real, x_fake, labels, weights)
-            updates, opt = seg_tx.update(seg_grads, seg_state["opt"], seg_state["params"])
-            new_seg = {"params": jax.tree.map(lambda p, u: p + u, seg_state["params"], updates),
-                       "batch_stats": stats, "opt": opt}
+            seg_params, opt, _ = common.apply_gradients(seg_tx, seg_state["params"], seg_state["opt"], seg_grads)
+            new_seg = {"params": seg_params, "batch_stats": stats, "opt": opt}
             # Before seg_start the segmenter's update is computed but not applied.
             active = step_no >= cfg.seg_start
             new_seg = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_seg, seg_state)
@@ -219,13 +215,12 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
 
         adv_grads, new_seg, adv_metrics = jax.lax.cond(lazy, lazy_branch, plain_branch, None)
         grads = jax.tree.map(lambda g, a: g + adv_weight * a, noise_grads, adv_grads)
-        updates, gen_opt = gen_tx.update(grads, state["gen"]["opt"], gen_params)
-        new_params = jax.tree.map(lambda p, u: p + u, gen_params, updates)
+        new_params, gen_opt, grad_norm = common.apply_gradients(gen_tx, gen_params, state["gen"]["opt"], grads)
         ema = common.ema_update(state["gen"]["ema"], new_params, cfg.ema_decay)
         metrics = dict(metrics, **adv_metrics)
         metrics["loss"] = metrics["loss/noise"] + adv_weight * metrics["loss/adv"]
         metrics["adv/weight"] = adv_weight
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        metrics["grad_norm"] = grad_norm
         new_state = {"gen": {"params": new_params, "opt": gen_opt, "ema": ema}, "seg": new_seg,
                      "adv_metrics": adv_metrics, "step": step_no + 1}
         return new_state, metrics
@@ -329,14 +324,7 @@ def run(ctx: stages.Context) -> dict:
     state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40)
     frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
     compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
-    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 41, data_state=data_state,
-                                                       global_batch_size=cfg.batch_size)
-    state = loop.run(
-        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
-        rng=jax.random.PRNGKey(ctx.config.seed + 42), num_steps=cfg.num_steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
-        peak_tflops=ctx.config.get("peak_tflops"))
+    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=41)
 
     ema = jax.device_get(state["gen"]["ema"])
     seg_vars = jax.device_get({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})

@@ -20,7 +20,7 @@ from sdsup.data import pipeline, registry
 from sdsup.models import io as model_io
 from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
 from sdsup.stages import common
-from sdsup.trainer import loop, sharding
+from sdsup.trainer import sharding
 
 NAME = "evalseg"
 
@@ -51,8 +51,7 @@ def make_step(seg, tx, cfg, ignore_id, shardings):
         del rng  # deterministic: no dropout, flips come from the input pipeline
         (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["batch_stats"], batch)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        params, opt, metrics["grad_norm"] = common.apply_gradients(tx, state["params"], state["opt"], grads)
         return {"params": params, "batch_stats": batch_stats, "opt": opt, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
@@ -92,14 +91,7 @@ def run(ctx: stages.Context) -> dict:
                                                compiler_options=common.compiler_options(ctx))
     step = make_step(seg, tx, cfg, spec.ignore_id, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
-    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 31, data_state=data_state,
-                                                       global_batch_size=cfg.batch_size)
-    state = loop.run(
-        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
-        rng=jax.random.PRNGKey(ctx.config.seed + 32), num_steps=cfg.num_steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
-        peak_tflops=ctx.config.get("peak_tflops"))
+    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=31)
     variables = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
     if jax.process_index() == 0:
         model_io.save(os.path.join(out, "model"), "segmenter", config, variables)

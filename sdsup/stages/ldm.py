@@ -11,12 +11,11 @@ by `python -m sdsup.convert import`). Leaves `WORKDIR/ldm/unet/`,
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from sdsup import stages, viz
 from sdsup.data import pipeline, registry
@@ -28,7 +27,7 @@ from sdsup.models.unet import UNet2DConditionModel, UNetConfig
 from sdsup.models.vae import AutoencoderKL
 from sdsup.stages import common
 from sdsup.stages import vae as vae_stage
-from sdsup.trainer import loop, sharding
+from sdsup.trainer import sharding
 
 NAME = "ldm"
 
@@ -105,9 +104,7 @@ def make_step(unet, text_model, vae, tx, cfg, schedule, empty_tokens, pad_id, sh
             return metrics, grads
 
         metrics, grads = common.accumulate_gradients(lg, state["params"], batch, rng, cfg.micro_batches)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        params, opt, metrics["grad_norm"] = common.apply_gradients(tx, state["params"], state["opt"], grads)
         ema = common.ema_update(state["ema"], params, cfg.ema_decay)
         return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, metrics
 
@@ -157,14 +154,7 @@ def run(ctx: stages.Context) -> dict:
     empty = jnp.asarray(tok.encode(""))
     step = make_step(unet, text_model, vae, tx, cfg, schedule, empty, mask_pad_id(tok), shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, vae_params)
-    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 11, data_state=data_state,
-                                                       global_batch_size=cfg.batch_size)
-    state = loop.run(
-        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
-        rng=jax.random.PRNGKey(ctx.config.seed + 12), num_steps=cfg.num_steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
-        peak_tflops=ctx.config.get("peak_tflops"))
+    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=11)
 
     ema = jax.device_get(state["ema"])
     if jax.process_index() == 0:

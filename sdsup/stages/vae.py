@@ -23,7 +23,7 @@ from sdsup.data import pipeline, registry
 from sdsup.models import io as model_io
 from sdsup.models.vae import AutoencoderKL, VAEConfig
 from sdsup.stages import common
-from sdsup.trainer import loop, sharding
+from sdsup.trainer import sharding
 
 NAME = "vae"
 
@@ -58,9 +58,7 @@ def make_step(vae: AutoencoderKL, tx, cfg, shardings):
             return metrics, grads
 
         metrics, grads = common.accumulate_gradients(lg, state["params"], batch, rng, cfg.micro_batches)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        params, opt, metrics["grad_norm"] = common.apply_gradients(tx, state["params"], state["opt"], grads)
         return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
@@ -89,15 +87,8 @@ def run(ctx: stages.Context) -> dict:
     state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed),
                                                compiler_options=common.compiler_options(ctx))
     step = make_step(vae, tx, cfg, shardings)
-    batches = lambda data_state: common.train_batches(ctx, seed=ctx.config.seed + 1, data_state=data_state,
-                                                       global_batch_size=cfg.batch_size)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
-    state = loop.run(
-        name=NAME, stage_dir=out, state=state, shardings=shardings, step_fn=compiled, make_batches=batches,
-        rng=jax.random.PRNGKey(ctx.config.seed + 2), num_steps=cfg.num_steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-        config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(compiled),
-        peak_tflops=ctx.config.get("peak_tflops"))
+    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=1)
 
     params = jax.device_get(state["params"])
     with common.timed("vae: calibration, PSNR and reconstructions"):
