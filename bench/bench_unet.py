@@ -11,14 +11,17 @@ step (built with plain attention for the count, see below), divided by the
 step time and by the measured float32 matmul peak of this machine (best of
 several large jnp matmuls). PyTorch's utilisation uses the same FLOP count.
 
-Allocator: XLA allocates each step's temporaries (about 1 GB here) in one
+Allocator: XLA allocates each step's temporaries (about 1.4 GB here) in one
 block; glibc serves it from a fresh mmap every step, from threads' arenas
 even when mmap is switched off, so every page of it is faulted in again
-(~290k minor faults per step). The benchmark therefore puts all threads on
-glibc's main arena with mmap and trimming off, before JAX or PyTorch
-allocate. PyTorch runs in the same process under the same setting. A
-trainer should do the same (`configure_malloc()`), or run under tcmalloc
-or jemalloc.
+(~380k minor faults per step; measured 3.2 s/step for sdsup against 2.0
+with the setting below, PyTorch 2.0-2.4 either way). The benchmark
+therefore puts all threads on glibc's main arena with mmap off and the trim
+threshold at its maximum (2 GB: larger temporaries would be returned to the
+OS again), before JAX or PyTorch allocate. PyTorch runs in the same process
+under the same setting. A trainer should do the same (`configure_malloc()`)
+or run under tcmalloc or jemalloc. SDSUP_BENCH_DEFAULT_MALLOC=1 measures
+without it.
 """
 
 import ctypes

@@ -471,7 +471,9 @@ class UNet2DConditionModel(UNetEncoderMixin, nn.Module):
 
     The additional residuals are ControlNet's: one NHWC array per skip
     connection (`config.num_skips`, conv_in's output first), added to the
-    skips before the up path, and one added to the mid block's output.
+    skips before the up path, and one added to the mid block's output. (Given
+    down residuals without a mid residual, diffusers instead treats them as
+    T2I-Adapter residuals; here they are always added to the skips.)
     """
 
     config: UNetConfig
