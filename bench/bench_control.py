@@ -2,8 +2,14 @@
 
 Both steps are the SAME compiled program family (sdsup.stages.control) at the
 config's model sizes with random weights; "plain" never takes the lazy
-adversarial branch, "aldm" takes it every n_lazy-th step (n_lazy=8, K=9 as in
-ALDM). The ratio is measured in one run, over whole lazy periods.
+adversarial branch (the plain-conditioner baseline: noise loss only), "aldm"
+takes it every n_lazy-th step (n_lazy=8, K=9 as in ALDM). The ratio is
+measured in one run, over whole lazy periods.
+
+Lower bound: a lazy step needs at least the K+1 forward passes of the
+conditioned UNet on top of a plain step's forward and backward, so even with
+a free VAE decoder and segmenter the ratio is about 1 + (K+1) * F / (8 * P),
+F a forward and P a plain step (P ~ 2.5-3.5 F with the UNet frozen).
 """
 
 import os

@@ -115,6 +115,8 @@ def get_config(arg: str = ""):
   c.ldm.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 50, weight_decay=0.0, grad_clip=1.0))
   c.ldm.log_every = 10 if smoke else 50
+  # Sample grid (EMA weights) to TensorBoard and ldm/samples/ every this many steps; 0 = only at the end.
+  c.ldm.sample_every = 0 if smoke else 200
   c.ldm.checkpoint_every = 1000
   c.ldm.keep_checkpoints = 2
 
@@ -149,6 +151,7 @@ def get_config(arg: str = ""):
       embedding_size=16, hidden_sizes=(16, 32, 64), depths=(1, 1, 1), layer_type="basic", head_channels=32,
       pool_scales=(1, 2, 4)))
   c.control.log_every = 4 if smoke else 50
+  c.control.sample_every = 0 if smoke else 100
   c.control.checkpoint_every = 1000
   c.control.keep_checkpoints = 2
 

@@ -65,6 +65,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  "must be a positive integer or -1", size)
     _positive_int(config, "preview_examples")
+    for stage in ("vae", "ldm", "control", "evalseg"):
+        if stage in stage_names and stage in config:
+            _validate_training_stage(config, stage)
+    if "control" in stage_names and "control" in config:
+        _validate_control(config)
+
+
+def _number_in(config, key: str, low: float, high: float, high_open: bool = False) -> None:
+    value = _get(config, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
+        value < high if high_open else value <= high)
+    _require(ok, key, f"must be a number in [{low}, {high}{')' if high_open else ']'}", value)
+
+
+def _validate_training_stage(config, stage: str) -> None:
+    section = config[stage]
+    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if key in section:
+            _positive_int(config, f"{stage}.{key}")
+    if "micro_batches" in section:
+        _positive_int(config, f"{stage}.micro_batches")
+        _require(section.batch_size % section.micro_batches == 0, f"{stage}.micro_batches",
+                 f"must divide {stage}.batch_size={section.batch_size}", section.micro_batches)
+    if "sample_every" in section:
+        value = section.sample_every
+        _require(isinstance(value, int) and value >= 0, f"{stage}.sample_every",
+                 "must be a non-negative integer (0 = only at the end)", value)
+    for key in ("caption_dropout",):
+        if key in section:
+            _number_in(config, f"{stage}.{key}", 0.0, 1.0)
+    if "ema_decay" in section:
+        _number_in(config, f"{stage}.ema_decay", 0.0, 1.0, high_open=True)
+
+
+def _validate_control(config) -> None:
+    c = config.control
+    _require(c.layout_encoding in ("class_embedding", "colour"), "control.layout_encoding",
+             "must be 'class_embedding' or 'colour'", c.layout_encoding)
+    for key in ("n_lazy", "grid_steps"):
+        _positive_int(config, f"control.{key}")
+    _require(isinstance(c.unroll_steps, int) and 0 <= c.unroll_steps < c.grid_steps, "control.unroll_steps",
+             f"must be in [0, control.grid_steps={c.grid_steps})", c.unroll_steps)
+    for key in ("lambda_adv", "lambda_fake"):
+        _number_in(config, f"control.{key}", 0.0, float("inf"))
+    _require(isinstance(c.ramp_start, int) and 0 <= c.ramp_start <= c.ramp_end, "control.ramp_start",
+             f"must be a non-negative integer at most control.ramp_end={c.ramp_end}", c.ramp_start)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

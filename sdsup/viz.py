@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from typing import Optional, Sequence
 
@@ -92,4 +93,5 @@ def captioned_grid(rows: Sequence[dict], class_names: Sequence[str], palette: Se
 
 
 def save_png(array: np.ndarray, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(np.asarray(array, np.uint8)).save(path)

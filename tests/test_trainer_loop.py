@@ -66,12 +66,14 @@ def _setup(mesh):
     return state, shardings, step
 
 
-def _run(tmp_path, mesh, num_steps, poison_at=None, hooks=(), hook_every=0):
+def _run(tmp_path, mesh, num_steps, poison_at=None, hooks=(), hook_every=0, pictures=None, picture_every=0,
+         learning_rates=None):
     state, shardings, step = _setup(mesh)
     return loop.run(name="toy", stage_dir=str(tmp_path), state=state, shardings=shardings, step_fn=step,
                     make_batches=lambda s: Batches(mesh, s, poison_at), rng=jax.random.PRNGKey(1),
                     num_steps=num_steps, log_every=2, checkpoint_every=3, hooks=hooks, hook_every=hook_every,
-                    config={"toy": True}, batch_size=8, asynchronous_checkpoints=True)
+                    config={"toy": True}, batch_size=8, asynchronous_checkpoints=True, pictures=pictures,
+                    picture_every=picture_every, learning_rates=learning_rates)
 
 
 def _leaves(state):
@@ -125,3 +127,56 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
         assert np.array_equal(a, b)
     kernel = restored["params"]["Dense_1"]["kernel"]  # (4, 16): 16 splits over fsdp=4
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_sample_pictures_go_to_png_files_and_tensorboard(tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+
+    mesh = parallel.make_mesh({"data": -1})
+    seen = []
+
+    def pictures(step, state):
+        seen.append(step)
+        image = np.zeros((6, 10, 3), np.uint8)
+        image[:, :step] = 255  # the step is visible in the picture
+        return image
+
+    _run(tmp_path, mesh, 9, pictures=pictures, picture_every=4)
+    assert seen == [4, 8]
+    for step in seen:
+        png = np.asarray(Image.open(tmp_path / "samples" / f"step_{step:06d}.png"))
+        assert png.shape == (6, 10, 3) and png[0, :step].min() == 255 and png[0, step:].max() == 0
+    events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    logged = [e.step for e in events.Tensors("samples")] if "samples" in tags.get("tensors", []) else \
+        [e.step for e in events.Images("samples")]
+    assert logged == [4, 8]
+
+
+def test_a_picture_of_the_wrong_kind_is_refused(tmp_path):
+    mesh = parallel.make_mesh({"data": -1})
+    with pytest.raises(ValueError, match="uint8 \\[H, W, 3\\]"):
+        _run(tmp_path, mesh, 4, pictures=lambda step, state: np.zeros((4, 4), np.float32), picture_every=2)
+
+
+def test_learning_rates_and_throughput_are_logged(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    mesh = parallel.make_mesh({"data": -1})
+    _run(tmp_path, mesh, 6, learning_rates={"lr": lambda step: 0.5 * step, "lr/seg": lambda step: 1.0})
+    events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    read = lambda tag: {e.step: float(np.asarray(tf_value(e))) for e in events.Tensors(tag)}
+    # log_every=2: steps 2, 4, 6; the update of step N used the schedule at N - 1.
+    assert read("lr") == {2: 0.5, 4: 1.5, 6: 2.5}
+    assert read("lr/seg") == {2: 1.0, 4: 1.0, 6: 1.0}
+    assert set(read("perf/steps_per_sec")) == {2, 4, 6} and set(read("perf/examples_per_sec")) == {2, 4, 6}
+    assert all(v > 0 for v in read("perf/examples_per_sec").values())
+
+
+def tf_value(event):
+    from tensorboard.util import tensor_util
+
+    return tensor_util.make_ndarray(event.tensor_proto)

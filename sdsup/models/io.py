@@ -102,3 +102,29 @@ def load(directory: str) -> Tuple[str, Any, Any, dict]:
         raise ModelFileError(f"{params_path} is unreadable: {type(e).__name__}: {e}") from e
     params = traverse_util.unflatten_dict(flat, sep="/")
     return kind, config, params, meta
+
+
+def random_like(abstract: Any, seed: int = 0) -> Any:
+    """Random host weights with the shapes of an abstract parameter tree (no compile).
+
+    For tests and benchmarks that need a model's weights but not a trained
+    one: normalisation scales are ones, biases zeros, everything else
+    normal with std 1/sqrt(fan_in), so activations keep their scale.
+    Initialising through a jitted `init` would compile the whole model
+    (tens of seconds on 2 cores) just to draw random numbers.
+    """
+    import jax
+
+    rng = np.random.default_rng(seed)
+
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+        if name == "scale":
+            return np.ones(shape, dtype)
+        if name == "bias" or len(shape) <= 1:
+            return np.zeros(shape, dtype)
+        fan_in = int(np.prod(shape[:-1]))
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(one, abstract)

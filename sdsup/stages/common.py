@@ -83,26 +83,36 @@ def micro_batches(batch: dict, num: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(loss_and_grad: Callable, params: Any, batch: dict, rng: jax.Array,
-                         num_micro: int) -> Tuple[Any, Any]:
-    """Mean of (aux, grads) of `loss_and_grad(params, micro_batch, rng)` over micro-batches.
+def scan_micro_batches(fn: Callable, carry: Any, batch: dict, rng: jax.Array, num_micro: int) -> Tuple[Any, Any]:
+    """(final carry, mean of outputs) of `fn(carry, micro_batch, rng) -> (carry, outputs)` over micro-batches.
 
-    With num_micro == 1 it is a plain call; otherwise a `lax.scan` keeps one
-    micro-batch's activations alive at a time.
+    With num_micro == 1 it is a plain call on the whole batch; otherwise a
+    `lax.scan` keeps one micro-batch's activations alive at a time, threads
+    the carry (e.g. BatchNorm statistics) through them in order and averages
+    the outputs (losses, gradients) with equal weights.
     """
     if num_micro == 1:
-        return loss_and_grad(params, batch, rng)
+        return fn(carry, batch, rng)
     micro = micro_batches(batch, num_micro)
-    aux0, g0 = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), rng)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (aux0, g0))
+    _, out0 = jax.eval_shape(fn, carry, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out0)
 
-    def body(carry, xs):
+    def body(acc, xs):
+        carry, total = acc
         mb, i = xs
-        aux, grads = loss_and_grad(params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(lambda a, b: a + b / num_micro, carry, (aux, grads)), None
+        carry, out = fn(carry, mb, jax.random.fold_in(rng, i))
+        return (carry, jax.tree.map(lambda a, b: a + b / num_micro, total, out)), None
 
-    (aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(num_micro)))
-    return aux, grads
+    (carry, mean), _ = jax.lax.scan(body, (carry, zeros), (micro, jnp.arange(num_micro)))
+    return carry, mean
+
+
+def accumulate_gradients(loss_and_grad: Callable, params: Any, batch: dict, rng: jax.Array,
+                         num_micro: int) -> Tuple[Any, Any]:
+    """Mean of (aux, grads) of `loss_and_grad(params, micro_batch, rng)` over micro-batches."""
+    _, out = scan_micro_batches(lambda carry, mb, r: (carry, loss_and_grad(params, mb, r)), (), batch, rng,
+                                num_micro)
+    return out
 
 
 def images_to_float(images: jax.Array) -> jax.Array:
@@ -183,11 +193,15 @@ def apply_gradients(tx, params: Any, opt_state: Any, grads: Any) -> Tuple[Any, A
     return params, opt_state, norm
 
 
-def train(ctx: stages.Context, name: str, cfg, state: Any, shardings: Any, step_fn: Callable, seed_offset: int):
+def train(ctx: stages.Context, name: str, cfg, state: Any, shardings: Any, step_fn: Callable, seed_offset: int,
+          pictures: Optional[Callable] = None, learning_rates: Optional[dict] = None):
     """Runs the shared loop for a stage with its config section `cfg`.
 
     The stage's data order and step rngs derive from `config.seed +
-    seed_offset`, so stages never share random streams.
+    seed_offset`, so stages never share random streams. `pictures(step,
+    state)` (a sample grid) runs every `cfg.sample_every` steps when set.
+    `learning_rates` ({metric name: step -> lr}) defaults to the schedule of
+    `cfg.optimizer`.
     """
     from sdsup.trainer import loop
 
@@ -199,4 +213,5 @@ def train(ctx: stages.Context, name: str, cfg, state: Any, shardings: Any, step_
         make_batches=batches, rng=jax.random.PRNGKey(seed + 1), num_steps=cfg.num_steps,
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
         config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(step_fn),
-        peak_tflops=ctx.config.get("peak_tflops"))
+        peak_tflops=ctx.config.get("peak_tflops"), pictures=pictures, picture_every=int(cfg.get("sample_every", 0)),
+        learning_rates=learning_rates or {"lr": learning_rate(cfg.optimizer, cfg.num_steps)})

@@ -4,12 +4,14 @@ The UNet, VAE and text encoder are frozen; the conditioner (ControlNet) is
 the generator and a UperNet segmenter with N+1 classes (the last = "fake")
 is the discriminator. Everything happens in ONE jitted, sharded step:
 
-  every step        noise loss of the conditioned UNet (micro-batched);
-  every n_lazy-th   (lax.cond, no recompiles) pick k ~ U{K..G-1} on the G-step
-                    DDIM grid, predict x0 at t_k WITH gradient, decode it with
-                    the frozen VAE decoder (gradients flow through it,
-                    rematerialised), unroll K more DDIM steps WITHOUT gradient,
-                    and score every decoded x0 with the segmenter:
+  plain steps       noise loss of the conditioned UNet at uniform timesteps;
+  every n_lazy-th   (lax.cond, no recompiles) each example draws k ~ U{K..G-1}
+                    on the G-step DDIM grid; ONE prediction at t_k WITH
+                    gradient gives both the noise loss and x0_hat (as in
+                    ALDM's reference code), x0_hat is decoded with the frozen
+                    VAE decoder (gradients flow through it, rematerialised),
+                    K more DDIM steps are unrolled WITHOUT gradient, and every
+                    decoded x0 is scored with the segmenter:
                       l_i(p) = class-balanced CE(D(decode(x0_i)), y)(p)
                       L_adv  = mean_p l_0(p) * sg(mean_i l_i(p) / l_0(p))
                     (the value averages the K+1 steps, the gradient flows
@@ -17,6 +19,11 @@ is the discriminator. Everything happens in ONE jitted, sharded step:
                       L_D = balanced CE(D(x_real), y) + lambda_fake CE(D(sg(x_fake)), fake)
                     with x_real the VAE reconstruction of the real image.
   generator loss    L_G = L_noise + lambda_adv * r(step) * L_adv, r ramping 0 -> 1.
+  micro-batches     both branches accumulate over config.micro_batches (the
+                    segmenter's BatchNorm statistics run through them in order).
+
+On lazy steps `loss/noise` is measured at t_k (the noisier part of the
+grid), on plain steps at uniform t; `adv/lazy_step` tells them apart.
 
 With `lambda_adv = 0` this is the plain-conditioner baseline (the lazy
 branch still updates the segmenter, which then only serves as a monitor).
@@ -111,6 +118,7 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         return logits, updates["batch_stats"]
 
     def noise_loss_and_grad(gen_params, micro, rng, frozen):
+        """Plain steps: the noise loss at uniform timesteps."""
         rng_t, rng_n = jax.random.split(rng)
         z0, context, hint = micro["z0"], micro["context"], micro["hint"]
         t = jax.random.randint(rng_t, (z0.shape[0],), 0, schedule.num_train_timesteps)
@@ -123,11 +131,18 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         loss, grads = jax.value_and_grad(loss_fn)(gen_params)
         return {"loss/noise": loss}, grads
 
-    def adversarial(gen_params, seg_vars, frozen, z0, context, hint, labels, weights, rng):
-        """(L_adv, (fake images, per-term metrics)); gradient w.r.t. gen_params through step 0 only."""
+    def generator_loss(gen_params, seg_vars, frozen, mb, adv_weight, rng):
+        """Lazy steps: L_noise + adv_weight * L_adv from ONE prediction at t_k (as ALDM's code).
+
+        Each example draws its grid index k ~ U{K..G-1}; the noise loss and
+        step 0 of the unrolling share that prediction, so a lazy step costs
+        one forward/backward of the conditioned UNet plus the K unrolled
+        forwards. Returns (loss, (x0_hat images without gradient, metrics)).
+        """
+        z0, context, hint, labels, weights = mb["z0"], mb["context"], mb["hint"], mb["labels"], mb["weights"]
         rng_k, rng_n = jax.random.split(rng)
-        k = jax.random.randint(rng_k, (), unroll, cfg.grid_steps)
-        t_k = jnp.full((z0.shape[0],), grid[k])
+        k = jax.random.randint(rng_k, (z0.shape[0],), unroll, cfg.grid_steps)
+        t_k = grid[k]
         noise = jax.random.normal(rng_n, z0.shape, z0.dtype)
         z_t = schedule_lib.add_noise(schedule, z0, noise, t_k)
 
@@ -137,17 +152,17 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
             return weights * ce
 
         out0 = predict(gen_params, frozen, z_t, t_k, context, hint)
+        noise_loss = jnp.mean(jnp.square(out0 - schedule_lib.training_target(schedule, z0, noise, t_k)))
         img0 = decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z_t, out0, t_k))
         l0 = pixel_loss(img0)
 
         def body(carry, i):
             z, out, t = carry
-            t_prev = grid[jnp.maximum(k - i - 1, 0)]
-            z = samplers.ddim_step(schedule, z, out, t, jnp.full_like(t, t_prev))
-            t = jnp.full_like(t, t_prev)
-            out = predict(jax.lax.stop_gradient(gen_params), frozen, z, t, context, hint)
-            li = pixel_loss(decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z, out, t)))
-            return (z, out, t), li
+            t_prev = grid[k - i - 1]  # k >= K > i, so never below the grid
+            z = samplers.ddim_step(schedule, z, out, t, t_prev)
+            out = predict(jax.lax.stop_gradient(gen_params), frozen, z, t_prev, context, hint)
+            li = pixel_loss(decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z, out, t_prev)))
+            return (z, out, t_prev), li
 
         if unroll:
             _, ls = jax.lax.scan(body, jax.lax.stop_gradient((z_t, out0, t_k)), jnp.arange(unroll))
@@ -156,8 +171,9 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
             l_mean = jax.lax.stop_gradient(l0)
         # Value = the mean over the K+1 steps; gradient = that of step 0, rescaled.
         ratio = jax.lax.stop_gradient(l_mean / jnp.maximum(l0, 1e-8))
-        loss = jnp.mean(l0 * ratio)
-        return loss, (jax.lax.stop_gradient(img0), {"loss/adv": loss, "loss/adv_step0": jnp.mean(l0)})
+        adv = jnp.mean(l0 * ratio)
+        metrics = {"loss/noise": noise_loss, "loss/adv": adv, "loss/adv_step0": jnp.mean(l0)}
+        return noise_loss + adv_weight * adv, (jax.lax.stop_gradient(img0), metrics)
 
     def discriminator_loss(seg_params, batch_stats, x_real, x_fake, labels, weights):
         logits_real, stats = seg_apply({"params": seg_params, "batch_stats": batch_stats}, x_real)
@@ -184,42 +200,48 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         context = jax.lax.stop_gradient(ldm_stage.encode_text(text_model, frozen["text_encoder"], tokens, pad_id))
         hint = hint_fn(labels, frozen)
         gen_params = state["gen"]["params"]
-
-        metrics, noise_grads = common.accumulate_gradients(
-            lambda p, mb, r: noise_loss_and_grad(p, mb, r, frozen), gen_params,
-            {"z0": z0, "context": context, "hint": hint}, rng_noise, cfg.micro_batches)
-
         adv_weight = cfg.lambda_adv * ramp(step_no, cfg.ramp_start, cfg.ramp_end)
-        lazy = (step_no % cfg.n_lazy) == 0
         seg_state = state["seg"]
 
-        def lazy_branch(_):
-            weights = segmentation.class_balance_weights(labels, num_classes, ignore, num_classes + 1)
-            seg_vars = {"params": seg_state["params"], "batch_stats": seg_state["batch_stats"]}
-            (_, (x_fake, adv_metrics)), adv_grads = jax.value_and_grad(adversarial, has_aux=True)(
-                gen_params, seg_vars, frozen, z0, context, hint, labels, weights, rng_adv)
-            x_real = decode(frozen["vae"], vae.scale_latents(posterior.mode()))
+        def lazy_micro(batch_stats, mb, rng):
+            """Generator gradients, segmenter gradients and metrics of one micro-batch."""
+            seg_vars = {"params": seg_state["params"], "batch_stats": batch_stats}
+            (_, (x_fake, gen_metrics)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+                gen_params, seg_vars, frozen, mb, adv_weight, rng)
+            x_real = decode(frozen["vae"], mb["z_real"])
             (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-                seg_state["params"], seg_state["batch_stats"], x_real, x_fake, labels, weights)
+                seg_state["params"], batch_stats, x_real, x_fake, mb["labels"], mb["weights"])
+            return stats, (dict(gen_metrics, **seg_metrics), gen_grads, seg_grads)
+
+        def lazy_branch(_):
+            # Class balancing from the whole batch's frequencies, as ALDM does per batch.
+            weights = segmentation.class_balance_weights(labels, num_classes, ignore, num_classes + 1)
+            lazy_batch = {"z0": z0, "context": context, "hint": hint, "labels": labels, "weights": weights,
+                          "z_real": vae.scale_latents(posterior.mode())}
+            stats, (metrics, gen_grads, seg_grads) = common.scan_micro_batches(
+                lazy_micro, seg_state["batch_stats"], lazy_batch, rng_adv, cfg.micro_batches)
             seg_params, opt, _ = common.apply_gradients(seg_tx, seg_state["params"], seg_state["opt"], seg_grads)
             new_seg = {"params": seg_params, "batch_stats": stats, "opt": opt}
             # Before seg_start the segmenter's update is computed but not applied.
             active = step_no >= cfg.seg_start
             new_seg = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_seg, seg_state)
-            adv_metrics.update(seg_metrics)
-            return adv_grads, new_seg, {k: adv_metrics[k] for k in ADV_METRICS}
+            return gen_grads, new_seg, metrics["loss/noise"], {k: metrics[k] for k in ADV_METRICS}
 
         def plain_branch(_):
-            zeros = jax.tree.map(jnp.zeros_like, gen_params)
-            return zeros, seg_state, state["adv_metrics"]
+            metrics, grads = common.accumulate_gradients(
+                lambda p, mb, r: noise_loss_and_grad(p, mb, r, frozen), gen_params,
+                {"z0": z0, "context": context, "hint": hint}, rng_noise, cfg.micro_batches)
+            return grads, seg_state, metrics["loss/noise"], state["adv_metrics"]
 
-        adv_grads, new_seg, adv_metrics = jax.lax.cond(lazy, lazy_branch, plain_branch, None)
-        grads = jax.tree.map(lambda g, a: g + adv_weight * a, noise_grads, adv_grads)
+        lazy = (step_no % cfg.n_lazy) == 0
+        grads, new_seg, noise_loss, adv_metrics = jax.lax.cond(lazy, lazy_branch, plain_branch, None)
         new_params, gen_opt, grad_norm = common.apply_gradients(gen_tx, gen_params, state["gen"]["opt"], grads)
         ema = common.ema_update(state["gen"]["ema"], new_params, cfg.ema_decay)
-        metrics = dict(metrics, **adv_metrics)
-        metrics["loss"] = metrics["loss/noise"] + adv_weight * metrics["loss/adv"]
+        metrics = dict(adv_metrics)
+        metrics["loss/noise"] = noise_loss
+        metrics["loss"] = noise_loss + adv_weight * metrics["loss/adv"]
         metrics["adv/weight"] = adv_weight
+        metrics["adv/lazy_step"] = lazy.astype(jnp.float32)
         metrics["grad_norm"] = grad_norm
         new_state = {"gen": {"params": new_params, "opt": gen_opt, "ema": ema}, "seg": new_seg,
                      "adv_metrics": adv_metrics, "step": step_no + 1}
@@ -248,8 +270,21 @@ class Setup:
         self.controlnet = ControlNetModel(self.cn_config)
         self.seg_config = discriminator_config(ctx, spec.num_classes)
         self.seg = UperNetSegmenter(self.seg_config)
-        self.gen_tx, _ = common.optimizer(cfg.optimizer, cfg.num_steps)
-        self.seg_tx, _ = common.optimizer(cfg.seg_optimizer, cfg.num_steps)
+        self.gen_tx, self.gen_schedule = common.optimizer(cfg.optimizer, cfg.num_steps)
+        # The segmenter updates on lazy steps from seg_start on: its schedule
+        # (e.g. ALDM's one-cycle) spans that many updates, not num_steps.
+        self.seg_tx, self.seg_schedule = common.optimizer(cfg.seg_optimizer, self.segmenter_updates(cfg.num_steps))
+
+    def segmenter_updates(self, num_steps: int) -> int:
+        """How many segmenter updates the first `num_steps` steps make."""
+        n, first = self.cfg.n_lazy, -(-self.cfg.seg_start // self.cfg.n_lazy)
+        return max(0, -(-num_steps // n) - first)
+
+    def learning_rates(self) -> dict:
+        """Metric name -> (step index -> the learning rate its optimiser last used)."""
+        n = self.cfg.n_lazy
+        return {"lr": self.gen_schedule,
+                "lr/seg": lambda step: self.seg_schedule(max(0, self.segmenter_updates(step // n * n + 1) - 1))}
 
     def hint_fn(self, labels, frozen):
         return controlnet_lib.layout_hint(labels, self.cn_config, palette=jnp.asarray(self.spec.palette_array),
@@ -324,16 +359,25 @@ def run(ctx: stages.Context) -> dict:
     state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40)
     frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
     compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
-    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=41)
+    host_models = {"unet": models["unet"], "text_encoder": models["text_encoder"], "vae": (vae_config, vae_params),
+                   "table": table}
 
-    ema = jax.device_get(state["gen"]["ema"])
-    seg_vars = jax.device_get({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
+    def pictures(step, state):
+        ema = sharding.host_copy(state["gen"]["ema"])
+        return sample_grid(ctx, dict(host_models, controlnet=(setup.cn_config, ema)))
+
+    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=41, pictures=pictures,
+                         learning_rates=setup.learning_rates())
+
+    ema = sharding.host_copy(state["gen"]["ema"])
+    seg_vars = sharding.host_copy({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
     if jax.process_index() == 0:
         model_io.save(os.path.join(out, "controlnet"), "controlnet", setup.cn_config, ema)
         model_io.save(os.path.join(out, "discriminator"), "segmenter", setup.seg_config, seg_vars)
         np.save(os.path.join(out, "class_table.npy"), table)
         with common.timed("control: sample grid"):
-            sample_grid(ctx, os.path.join(out, "samples.png"))
+            viz.save_png(sample_grid(ctx, dict(host_models, controlnet=(setup.cn_config, ema))),
+                         os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding}
 
 
@@ -343,12 +387,22 @@ def load(ctx: stages.Context):
     return config, params, np.load(os.path.join(ctx.workdir, NAME, "class_table.npy"))
 
 
-def generate(ctx, tokens, labels, rng, guidance=None):
-    """Tokens [B, L] + label maps [B, H, W] -> uint8 images with the finished stages."""
-    spec = registry.get(ctx.config.data.name)
+def load_models(ctx) -> dict:
+    """The finished stages' models for sampling: {name: (config, params)} and the class table."""
     vae_config, vae_params = vae_stage.load(ctx)
-    models = ldm_stage.load(ctx)
     cn_config, cn_params, table = load(ctx)
+    return dict(ldm_stage.load(ctx), vae=(vae_config, vae_params), controlnet=(cn_config, cn_params), table=table)
+
+
+def generate(ctx, tokens, labels, rng, guidance=None, models=None):
+    """Tokens [B, L] + label maps [B, H, W] -> uint8 images.
+
+    `models` as `load_models` returns them (in memory, e.g. during training);
+    by default the finished stages' weights.
+    """
+    spec = registry.get(ctx.config.data.name)
+    models = models or load_models(ctx)
+    (cn_config, cn_params), table = models["controlnet"], models["table"]
     unet = UNet2DConditionModel(models["unet"][0])
     text_model = CLIPTextTransformer(models["text_encoder"][0])
     controlnet = ControlNetModel(cn_config)
@@ -362,24 +416,25 @@ def generate(ctx, tokens, labels, rng, guidance=None):
         h = jnp.concatenate([hint] * (z.shape[0] // hint.shape[0]))
         return controlnet.apply({"params": cn_params}, z, t, context, h, conditioning_scale=scale)
 
+    vae_config, vae_params = models["vae"]
     return ldm_stage.generate(ctx, unet, text_model, AutoencoderKL(vae_config), params, vae_params,
                               ldm_stage.noise_schedule(ctx), jnp.asarray(tokens), rng, residuals_fn=residuals,
                               guidance=guidance)
 
 
-def sample_grid(ctx, path: str, num: int = 6) -> None:
-    """Caption | colour-coded layout | generated image, for validation examples."""
+def sample_grid(ctx, models=None, num: int = 6) -> np.ndarray:
+    """Caption | colour-coded layout | generated | real, for validation examples."""
     spec, builder = common.dataset(ctx)
     batch = next(pipeline.eval_batches(registry.data_source(spec, builder, "validation"),
                                        tokenizer=common.tokenizer(ctx), global_batch_size=num))
-    images = generate(ctx, batch["tokens"], batch["label"], jax.random.PRNGKey(1))
+    images = generate(ctx, batch["tokens"], batch["label"], jax.random.PRNGKey(1), models=models)
     rows = [{"caption": c, "panels": [lab, img, real]}
             for c, lab, img, real in zip(batch["caption"], batch["label"], images, batch["image"])]
-    viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id), path)
+    return viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id)
 
 
 def random_setup(ctx: stages.Context, seed: int = 0):
-    """(Setup, {"unet", "vae", "text_encoder"} random weights) sized by the config.
+    """(Setup, {"unet", "vae", "text_encoder"} random host weights) sized by the config.
 
     For benchmarks and tests of the step itself: no workdir, no training.
     """
@@ -390,6 +445,6 @@ def random_setup(ctx: stages.Context, seed: int = 0):
     unet_config, text_config = ldm_stage.model_configs(ctx)
     table = np.random.default_rng(seed).normal(size=(spec.num_classes, text_config.hidden_size)).astype(np.float32)
     setup = Setup(ctx, spec, tok, unet_config, vae_stage.model_config(ctx), text_config, table)
-    params = {name: jax.device_get(nn.meta.unbox(jax.jit(init)()))
-              for name, init in setup.frozen_inits().items()}
+    params = {name: model_io.random_like(nn.meta.unbox(jax.eval_shape(init)), seed + i)
+              for i, (name, init) in enumerate(sorted(setup.frozen_inits().items()))}
     return setup, params

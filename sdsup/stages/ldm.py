@@ -154,18 +154,24 @@ def run(ctx: stages.Context) -> dict:
     empty = jnp.asarray(tok.encode(""))
     step = make_step(unet, text_model, vae, tx, cfg, schedule, empty, mask_pad_id(tok), shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, vae_params)
-    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=11)
+    host_vae_params = sharding.host_copy(vae_params)
 
-    ema = jax.device_get(state["ema"])
+    def pictures(step, state):
+        return sample_grid(ctx, unet, text_model, vae, sharding.host_copy(state["ema"]), host_vae_params, schedule)
+
+    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=11, pictures=pictures)
+
+    ema = sharding.host_copy(state["ema"])
     if jax.process_index() == 0:
         model_io.save(os.path.join(out, "unet"), "unet", unet_config, ema["unet"])
         model_io.save(os.path.join(out, "text_encoder"), "text_encoder", text_config, ema["text_encoder"])
         with common.timed("ldm: sample grid"):
-            _sample_grid(ctx, unet, text_model, vae, ema, vae_params, schedule, os.path.join(out, "samples.png"))
+            viz.save_png(sample_grid(ctx, unet, text_model, vae, ema, host_vae_params, schedule),
+                         os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps}
 
 
-def _sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, path, num: int = 6):
+def sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, num: int = 6) -> np.ndarray:
     """Validation captions -> images (DDIM + CFG), next to the real images."""
     spec, builder = common.dataset(ctx)
     tok = common.tokenizer(ctx)
@@ -174,7 +180,7 @@ def _sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, path,
     images = generate(ctx, unet, text_model, vae, params, vae_params, schedule, jnp.asarray(batch["tokens"]),
                       jax.random.PRNGKey(0))
     rows = [{"caption": c, "panels": [real, gen]} for c, real, gen in zip(batch["caption"], batch["image"], images)]
-    viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id), path)
+    return viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id)
 
 
 def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, rng, residuals_fn=None,

@@ -107,8 +107,17 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
         log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 3,
         config: Optional[dict] = None, batch_size: Optional[int] = None, flops_per_step: Optional[float] = None,
         peak_tflops: Optional[float] = None, hooks: Sequence[Callable[[int, Any], None]] = (),
-        hook_every: int = 0, asynchronous_checkpoints: bool = True) -> Any:
+        hook_every: int = 0, asynchronous_checkpoints: bool = True,
+        pictures: Optional[Callable[[int, Any], np.ndarray]] = None, picture_every: int = 0,
+        learning_rates: Optional[Dict[str, Callable[[int], Any]]] = None) -> Any:
     """Trains to `num_steps` (resuming from the stage's latest checkpoint); returns the state.
+
+    `learning_rates` maps a metric name ("lr", "lr/seg") to the optax
+    schedule of an optimiser, logged with the other scalars.
+    `pictures(step, state)` returns an RGB uint8 image [H, W, 3] (a sample
+    grid); every `picture_every` steps it goes to TensorBoard
+    and to `stage_dir/samples/step_NNNNNN.png`. Every process calls it (it may
+    run collectives); process 0 writes.
 
     Raises Preempted after saving when SIGTERM arrives, TrainingDiverged when a
     metric becomes non-finite (without saving the bad state).
@@ -143,6 +152,9 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
                     seconds = time.perf_counter() - timer_start
                     scalars = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()
                                if np.asarray(v).ndim == 0}
+                    for lr_name, schedule in (learning_rates or {}).items():
+                        # The update of step N used the schedule's value at count N - 1.
+                        scalars[lr_name] = float(schedule(step - 1))
                     steps_per_sec = timer_steps / max(seconds, 1e-9)
                     scalars["perf/steps_per_sec"] = steps_per_sec
                     if batch_size:
@@ -162,6 +174,8 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
                 if hook_every and (step % hook_every == 0 or step == num_steps):
                     for hook in hooks:
                         hook(step, state)
+                if pictures is not None and picture_every and step % picture_every == 0:
+                    _write_picture(writer, stage_dir, step, pictures(step, state))
                 if preempted:
                     ckpt.wait()
                     raise Preempted(f"{name}: stopped at step {step} on SIGTERM; checkpoint saved")
@@ -169,6 +183,18 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
         writer.flush()
         ckpt.close()
     return state
+
+
+def _write_picture(writer, stage_dir: str, step: int, image: np.ndarray) -> None:
+    from sdsup import viz
+
+    if jax.process_index() != 0:
+        return
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"a sample picture must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    writer.write_images(step, {"samples": image[None]})
+    viz.save_png(image, os.path.join(stage_dir, "samples", f"step_{step:06d}.png"))
 
 
 def ckpt_reached_preemption(ckpt: Checkpointer, step: int) -> bool:

@@ -78,3 +78,16 @@ def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RUL
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def host_copy(tree: Any) -> Any:
+    """The whole of a (possibly multi-process sharded) tree as host numpy arrays.
+
+    Every process must call it: across processes the shards are gathered
+    with a collective.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

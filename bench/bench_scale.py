@@ -1,0 +1,189 @@
+"""ALDM at Stable Diffusion scale, on paper: compiled ahead of time, nothing allocated.
+
+The control step of `sdsup.stages.control` with SD-1.5's UNet (frozen, bf16
+compute, rematerialised blocks), its ControlNet (class-embedding layout at
+1/4 size, 768-wide CLIP vectors; trainable, AdamW, EMA), SD's VAE decoder
+(with gradient, rematerialised, bf16), CLIP ViT-L/14's text transformer and
+an UperNet + ResNet-50 segmenter with 150 + 1 classes (trainable, AdamW), at
+512x512, batch 4 per device, n_lazy 8, K 9 on a 25-step grid, on a fake
+8-device FSDP mesh (data=1, fsdp=8). Every input is a ShapeDtypeStruct.
+
+Reported: XLA's memory analysis (arguments = this device's shard of the
+train state and frozen weights; temporaries = activations, gathered weights
+and everything else live at the peak) and cost analysis (FLOPs per step on
+one device; both branches of the lazy `cond` are in the program, so this is
+an upper bound of a plain step and a lower bound of a lazy one).
+
+Extrapolation to a 256-chip pod at batch 4 per chip: the per-device shard of
+every state/frozen leaf is recomputed exactly for fsdp=256 with the same
+sharding rules (leaves whose dimensions 256 does not divide stay
+replicated), and the temporaries are taken as measured at fsdp=8 with the
+same per-device batch (FSDP gathers one layer's weights at a time, so they
+do not shrink with more chips). XLA:CPU's fusion and layouts differ from
+TPU/GPU, so this is an estimate, not a TPU measurement.
+
+Runs in a child process: the 8 fake devices must be set before jax starts.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PER_DEVICE_BATCH = 4
+FAKE_DEVICES = 8
+POD_CHIPS = 256
+GOAL_GIB = 16.0
+
+
+def _config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scenes_config", os.path.join(ROOT, "configs", "scenes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("")
+    with c.unlocked():
+        c.data.image_size = 512
+        c.text.max_length = 77
+        c.control.update(batch_size=PER_DEVICE_BATCH * FAKE_DEVICES, micro_batches=1, n_lazy=8, grid_steps=25,
+                         unroll_steps=9, lambda_adv=0.5, lambda_fake=0.001)
+        # UperNet + ResNet-50 (transformers' UperNet defaults).
+        c.control.discriminator = dict(embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3),
+                                       layer_type="bottleneck", head_channels=512, pool_scales=(1, 2, 3, 6))
+        c.fast_compile = True  # memory and FLOPs come from HLO passes; LLVM's effort does not change them
+    return c
+
+
+class _MeshShape:
+    """Just enough of a Mesh for `sharding.fit_spec`: axis sizes of a pod we do not have."""
+
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+def _shard_bytes(abstract_boxed, mesh_like) -> int:
+    """Bytes of one device's shard of every leaf under FSDP_RULES on `mesh_like`."""
+    import flax.linen as nn
+    import jax
+
+    from sdsup.models.partitioning import FSDP_RULES
+    from sdsup.trainer import sharding
+
+    logical = nn.get_partition_spec(abstract_boxed)
+    unboxed = nn.meta.unbox(abstract_boxed)
+    total = 0
+    for spec, leaf in zip(jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+                          jax.tree.leaves(unboxed)):
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), FSDP_RULES)
+        fitted = sharding.fit_spec(mesh_spec, leaf.shape, mesh_like)
+        shard = list(leaf.shape)
+        for i, axes in enumerate(fitted):
+            if axes is not None:
+                for a in (axes,) if isinstance(axes, str) else axes:
+                    shard[i] //= mesh_like.shape[a]
+        total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
+def child() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sdsup import parallel, stages
+    from sdsup.data import registry, tokenizers
+    from sdsup.models import clip_text, unet, vae
+    from sdsup.stages import common, control
+    from sdsup.trainer import sharding
+
+    config = _config()
+    mesh = parallel.make_mesh({"data": 1, "fsdp": FAKE_DEVICES})
+    ctx = stages.Context(config=config, workdir="/nonexistent", mesh=mesh)
+    num_classes = 150  # ADE20K
+    spec = registry.DatasetSpec(
+        name="ade20k_sized", class_names=tuple(f"class{i}" for i in range(num_classes)),
+        palette=tuple((i, i, i) for i in range(num_classes)), ignore_id=255, caption_source="field:caption",
+        make_builder=None, builds_offline=False, default_tokenizer="clip")
+    tok = tokenizers.WordTokenizer.scenes(77)  # only the empty prompt's ids are used; shapes are what matter
+    unet_config = unet.UNetConfig(**{**unet.STABLE_DIFFUSION_1_5.__dict__, "dtype": "bfloat16", "remat": True})
+    vae_config = vae.VAEConfig(**{**vae.STABLE_DIFFUSION_1_5.__dict__, "dtype": "bfloat16", "remat": True})
+    text_config = clip_text.CLIPTextConfig(hidden_size=768, intermediate_size=3072, projection_dim=768,
+                                           num_hidden_layers=12, num_attention_heads=12)
+    with config.unlocked():  # the stage reads the VAE's downsampling from the config
+        config.vae.model = {k: v for k, v in vae_config.__dict__.items() if k != "sample_size"}
+    table = np.zeros((num_classes, text_config.hidden_size), np.float32)
+    setup = control.Setup(ctx, spec, tok, unet_config, vae_config, text_config, table)
+
+    boxed_state = jax.eval_shape(setup.init, jax.random.PRNGKey(0))
+    state_shardings = sharding.logical_shardings(boxed_state, mesh)
+    import flax.linen as nn
+
+    abstract = lambda boxed, shardings: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings)
+    state = abstract(boxed_state, state_shardings)
+    boxed_frozen = {name: jax.eval_shape(init) for name, init in setup.frozen_inits().items()}
+    frozen = {name: abstract(b, sharding.logical_shardings(b, mesh)) for name, b in boxed_frozen.items()}
+    frozen["class_table"] = jax.ShapeDtypeStruct(table.shape, jnp.float32, sharding=NamedSharding(mesh, P()))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
+    batch = common.abstract_batch(ctx, config.control.batch_size)
+
+    start = time.perf_counter()
+    lowered = setup.step(state_shardings).lower(state, batch, rng, frozen)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options=common.compiler_options(ctx))
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    flops = float(analysis.get("flops", 0.0)) if analysis else None
+
+    gib = 2.0 ** 30
+    pod = _MeshShape(data=1, fsdp=POD_CHIPS, tensor=1)
+    eight = _MeshShape(data=1, fsdp=FAKE_DEVICES, tensor=1)
+    boxed_all = {"state": boxed_state, "frozen": boxed_frozen}
+    args_pod = _shard_bytes(boxed_all, pod) + table.nbytes
+    args_eight = _shard_bytes(boxed_all, eight) + table.nbytes
+    temp = mem.temp_size_in_bytes
+    total_pod = args_pod + temp
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree)))
+    return {
+        "name": "sd15_aldm_step_on_paper", "value": round(total_pod / gib, 2), "unit": "GiB per chip (256 chips)",
+        "goal": f"value <= {GOAL_GIB}",
+        "config": "SD-1.5 UNet (frozen) + ControlNet (class embedding) + SD VAE decoder (grad, remat) + "
+                  "UperNet-R50 (151 classes) + CLIP ViT-L text, 512x512, 4 per device, n_lazy 8, K 9, bf16 compute",
+        "fake_mesh": {"data": 1, "fsdp": FAKE_DEVICES},
+        "per_device_fsdp8_gib": {"arguments": round(mem.argument_size_in_bytes / gib, 2),
+                                 "arguments_from_rules": round(args_eight / gib, 2),
+                                 "temporaries": round(temp / gib, 2), "outputs": round(mem.output_size_in_bytes / gib, 2),
+                                 "aliased": round(mem.alias_size_in_bytes / gib, 2)},
+        "per_chip_256_gib": {"arguments": round(args_pod / gib, 3), "temporaries": round(temp / gib, 2)},
+        "tflops_per_device_step": round(flops / 1e12, 2) if flops else None,
+        "parameters_millions": {"trainable_controlnet": round(count(boxed_state["gen"]["params"]) / 1e6, 1),
+                                "trainable_segmenter": round(count(boxed_state["seg"]["params"]) / 1e6, 1),
+                                "frozen": {k: round(count(v) / 1e6, 1) for k, v in boxed_frozen.items()}},
+        "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
+    }
+
+
+def sd15_aldm_step_on_paper() -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={FAKE_DEVICES}",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, capture_output=True,
+                          text=True, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+BENCHMARKS = {"sd15_aldm_step_on_paper": sd15_aldm_step_on_paper}
+
+if __name__ == "__main__" and "--child" in sys.argv:
+    print(json.dumps(child()), flush=True)

@@ -1,0 +1,107 @@
+"""The ALDM control step is one program whatever the mesh: 1 device, data=8, data=2 x fsdp=4, 2 processes.
+
+One step takes the lazy adversarial branch (decoder with gradient, unrolled
+DDIM steps, segmenter update), the next the plain one; losses and every
+updated leaf of the state (conditioner, its AdamW and EMA, segmenter and its
+BatchNorm statistics) must agree within 1e-5.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import control_case
+from sdsup import parallel
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return control_case.run(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), 3)
+
+
+def _assert_same(history, states, ref_history, ref_states):
+    assert len(history) == len(ref_history) and len(states) == len(ref_states)
+    for step, (got, want) in enumerate(zip(history, ref_history)):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (step, key, got[key], want[key])
+    for step, (got, want) in enumerate(zip(states, ref_states)):
+        assert got.keys() == want.keys()
+        worst = max((float(np.max(np.abs(got[k] - want[k]))), k) for k in want if want[k].size)
+        assert worst[0] <= TOL, (step, worst)
+
+
+def test_lazy_then_plain_step_trains_both_networks(one_device):
+    history, states = one_device
+    assert history[0]["loss/adv"] > 0 and history[0]["loss/seg_real"] > 0  # step 0: lazy branch
+    assert history[1]["loss/adv"] == history[0]["loss/adv"]  # step 1: plain, adversarial metrics carried over
+    assert history[0]["loss"] == pytest.approx(history[0]["loss/noise"] + 0.5 * history[0]["loss/adv"], rel=1e-6)
+    first, second = states[0], states[1]
+    seg_kernel = "['seg']['params']['decode_head']['classifier']['kernel']"
+    assert seg_kernel in first
+    # The segmenter moves on lazy steps only; the conditioner every step.
+    assert np.array_equal(first[seg_kernel], second[seg_kernel])
+    assert not np.array_equal(states[2][seg_kernel], second[seg_kernel])
+    gen = [k for k in first if k.startswith("['gen']['params']") and "controlnet_down_blocks" in k]
+    assert gen and any(not np.array_equal(first[k], second[k]) for k in gen)
+    assert all(np.isfinite(v).all() for v in states[-1].values())
+
+
+@pytest.mark.parametrize("axes", [{"data": 8}, {"data": 2, "fsdp": 4}], ids=["data8", "data2_fsdp4"])
+def test_one_step_matches_one_device(one_device, axes):
+    mesh = parallel.make_mesh(axes)
+    assert mesh.devices.size == 8
+    history, states = control_case.run(mesh, 1)
+    _assert_same(history, states, one_device[0][:1], one_device[1][:1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(one_device, tmp_path):
+    port = _free_port()
+    worker = os.path.join(os.path.dirname(__file__), "control_worker.py")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = os.pathsep.join([control_case.ROOT, env.get("PYTHONPATH", "")])
+    cache = jax.config.jax_compilation_cache_dir or str(tmp_path / "cache")
+    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path), cache], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    with open(tmp_path / "history.json") as f:
+        result = json.load(f)
+    assert result["processes"] == 2 and result["devices"] == 4
+    final = dict(np.load(tmp_path / "state.npz"))
+    _assert_same(result["history"], [final], one_device[0], [one_device[1][-1]])
+
+
+def test_segmenter_schedule_spans_its_own_updates():
+    """The segmenter steps on lazy steps from seg_start on; its one-cycle schedule spans those updates."""
+    from sdsup import stages
+    from sdsup.stages import control
+
+    config = control_case.config()
+    config.control.update(num_steps=100, n_lazy=8, seg_start=20)
+    config.control.seg_optimizer.schedule = "one_cycle"
+    ctx = stages.Context(config=config, workdir="/nonexistent",
+                         mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    setup, _ = control.random_setup(ctx)
+    assert setup.segmenter_updates(100) == 10  # lazy steps 24, 32, ..., 96
+    lr = setup.learning_rates()["lr/seg"]
+    first, peak_count = float(setup.seg_schedule(0)), int(np.argmax([setup.seg_schedule(i) for i in range(10)]))
+    assert float(lr(0)) == float(lr(24)) == float(lr(31)) == first
+    assert float(lr(96)) == float(lr(99)) == float(setup.seg_schedule(9))
+    assert 0 < peak_count < 9  # the cycle rises and falls within the run's updates
