@@ -103,6 +103,9 @@ def _validate_control(config) -> None:
     c = config.control
     _require(c.layout_encoding in ("class_embedding", "colour"), "control.layout_encoding",
              "must be 'class_embedding' or 'colour'", c.layout_encoding)
+    if "class_table_norm" in c:
+        _require(c.class_table_norm in ("none", "standardize"), "control.class_table_norm",
+                 "must be 'none' or 'standardize'", c.class_table_norm)
     for key in ("n_lazy", "grid_steps"):
         _positive_int(config, f"control.{key}")
     _require(isinstance(c.unroll_steps, int) and 0 <= c.unroll_steps < c.grid_steps, "control.unroll_steps",

@@ -45,7 +45,7 @@ def config():
 
 
 def build(mesh, micro_batches: int = 1):
-    """(setup, state, compiled step) on `mesh`."""
+    """(setup, frozen random weights, state, compiled step) on `mesh`."""
     from sdsup.stages import common, control
 
     c = config()
@@ -55,7 +55,7 @@ def build(mesh, micro_batches: int = 1):
     state, shardings = setup.create_state(mesh, params["unet"], 0)
     frozen = setup.frozen(mesh, params["unet"], params["vae"], params["text_encoder"])
     step = common.compile_step(setup.step(shardings), state, ctx, BATCH, frozen)
-    return setup, state, step
+    return setup, params, state, step
 
 
 def batch(setup, mesh, step: int) -> dict:
@@ -71,7 +71,7 @@ def batch(setup, mesh, step: int) -> dict:
 
 def run(mesh, num_steps: int, micro_batches: int = 1, every_state: bool = True):
     """(metrics of each step, flat state after each step, or after the last only) on the host."""
-    setup, state, step = build(mesh, micro_batches)
+    setup, _, state, step = build(mesh, micro_batches)
     rng = jax.random.PRNGKey(7)
     history, states = [], []
     for i in range(num_steps):

@@ -22,8 +22,36 @@ from sdsup import parallel
 TOL = 1e-5
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def one_device():
+def two_processes(tmp_path_factory):
+    """Starts the 2-process x 2-device run at once, so that its compiles overlap this process's."""
+    out = tmp_path_factory.mktemp("two_processes")
+    port = _free_port()
+    worker = os.path.join(os.path.dirname(__file__), "control_worker.py")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = os.pathsep.join([control_case.ROOT, env.get("PYTHONPATH", "")])
+    cache = jax.config.jax_compilation_cache_dir or str(out / "cache")
+    # Output to files: XLA's warnings would fill a pipe nobody reads until the test runs.
+    logs = [open(out / f"worker{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(out), cache], env=env,
+                              stdout=log, stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+    yield procs, out
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for log in logs:
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def one_device(two_processes):
     return control_case.run(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), 3)
 
 
@@ -63,28 +91,14 @@ def test_one_step_matches_one_device(one_device, axes):
     _assert_same(history, states, one_device[0][:1], one_device[1][:1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process(one_device, tmp_path):
-    port = _free_port()
-    worker = os.path.join(os.path.dirname(__file__), "control_worker.py")
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = os.pathsep.join([control_case.ROOT, env.get("PYTHONPATH", "")])
-    cache = jax.config.jax_compilation_cache_dir or str(tmp_path / "cache")
-    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path), cache], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    with open(tmp_path / "history.json") as f:
+def test_two_processes_match_one_process(one_device, two_processes):
+    procs, out = two_processes
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=900) == 0, (out / f"worker{i}.log").read_text()[-3000:]
+    with open(out / "history.json") as f:
         result = json.load(f)
     assert result["processes"] == 2 and result["devices"] == 4
-    final = dict(np.load(tmp_path / "state.npz"))
+    final = dict(np.load(out / "state.npz"))
     _assert_same(result["history"], [final], one_device[0], [one_device[1][-1]])
 
 
@@ -105,3 +119,55 @@ def test_segmenter_schedule_spans_its_own_updates():
     assert float(lr(0)) == float(lr(24)) == float(lr(31)) == first
     assert float(lr(96)) == float(lr(99)) == float(setup.seg_schedule(9))
     assert 0 < peak_count < 9  # the cycle rises and falls within the run's updates
+
+
+class _Batches:
+    """Resumable batches of the control case: the state is the next batch index."""
+
+    def __init__(self, setup, mesh, state=None):
+        self.setup, self.mesh, self.i = setup, mesh, (state or {}).get("next", 0)
+
+    def __next__(self):
+        self.i += 1
+        return control_case.batch(self.setup, self.mesh, self.i - 1)
+
+    def get_state(self):
+        return {"next": self.i}
+
+
+def test_control_stage_resumes_bitwise(tmp_path):
+    """4 steps straight == 2 steps, stop, resume from the orbax checkpoint, 2 more (lazy and plain steps)."""
+    from sdsup.trainer import loop, sharding
+
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])  # the program one_device compiled
+    setup, params, _, step = control_case.build(mesh)
+
+    def train(stage_dir, num_steps):
+        state, shardings = setup.create_state(mesh, params["unet"], 0)
+        out = loop.run(name="control", stage_dir=str(stage_dir), state=state, shardings=shardings, step_fn=step,
+                       make_batches=lambda s: _Batches(setup, mesh, s), rng=jax.random.PRNGKey(3),
+                       num_steps=num_steps, log_every=2, checkpoint_every=2, config={"case": "control"})
+        return control_case.flat(sharding.host_copy(out))
+
+    straight = train(tmp_path / "straight", 4)
+    train(tmp_path / "resumed", 2)
+    resumed = train(tmp_path / "resumed", 4)
+    assert straight.keys() == resumed.keys()
+    assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
+    assert int(straight["['step']"]) == 4
+
+
+def test_class_table_standardisation_separates_near_parallel_vectors():
+    from sdsup.stages import control
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(1, 16))
+    table = (shared * 10 + rng.normal(size=(5, 16))).astype(np.float32)  # cosine ~0.99 between classes
+    out = control.normalize_table(table, "standardize")
+    unit = out / np.linalg.norm(out, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    assert np.abs(cos - np.eye(5)).max() < 0.8
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 4.0, rtol=1e-5)  # sqrt(D)
+    assert control.normalize_table(table, "none") is table
+    with pytest.raises(ValueError, match="class_table_norm"):
+        control.normalize_table(table, "whiten")

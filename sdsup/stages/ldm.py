@@ -183,33 +183,49 @@ def sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, num: i
     return viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id)
 
 
-def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, rng, residuals_fn=None,
-             guidance=None, steps=None):
+def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, rng, guidance=None, steps=None,
+             controlnet=None, controlnet_params=None, hint=None):
     """Tokens [B, L] -> uint8 images [B, H, W, 3] with DDIM and classifier-free guidance.
 
-    `residuals_fn(z, t, context)`, when given, returns the conditioner's
-    (down, mid) residuals for a batch of latents; it runs on both CFG branches
-    (the layout stays in the unconditional branch, as in ALDM).
+    With a `controlnet` module, its residuals from `controlnet_params` and
+    the `hint` [B, ...] condition the UNet on both CFG branches (the layout
+    stays in the unconditional branch, as in ALDM). The jitted sampler is
+    cached per model configs and sampling settings, so periodic sample grids
+    compile once; weights and hints are arguments, never baked-in constants.
     """
     s = ctx.config.sampling
     guidance = s.guidance if guidance is None else float(guidance)
     steps = s.steps if steps is None else int(steps)
     tok = common.tokenizer(ctx)
-    vae_config = vae.config
-    latent = ctx.config.data.image_size // vae_config.downsample_factor
     empty = jnp.broadcast_to(jnp.asarray(tok.encode("")), tokens.shape)
+    key = ("sampler", unet.config, text_model.config, vae.config, controlnet.config if controlnet else None,
+           guidance, steps, float(s.eta), float(ctx.config.control.conditioning_scale) if controlnet else None)
+    if key not in ctx.cache:
+        ctx.cache[key] = common.jit(_sampler(ctx, unet, text_model, vae, schedule, guidance, steps, controlnet), ctx)
+    images = ctx.cache[key](params, vae_params, tokens, empty, rng, controlnet_params, hint)
+    return np.asarray(images)
 
-    def run(params, vae_params, tokens, empty, rng):
-        cond = encode_text(text_model, params["text_encoder"], tokens, mask_pad_id(tok))
-        uncond = encode_text(text_model, params["text_encoder"], empty, mask_pad_id(tok))
+
+def _sampler(ctx, unet, text_model, vae, schedule, guidance: float, steps: int, controlnet=None):
+    """The pure sampling function behind `generate`."""
+    eta = ctx.config.sampling.eta
+    pad = mask_pad_id(common.tokenizer(ctx))
+    latent = ctx.config.data.image_size // vae.config.downsample_factor
+    scale = ctx.config.control.conditioning_scale if controlnet is not None else None
+
+    def run(params, vae_params, tokens, empty, rng, controlnet_params, hint):
+        cond = encode_text(text_model, params["text_encoder"], tokens, pad)
+        uncond = encode_text(text_model, params["text_encoder"], empty, pad)
+        both = jnp.concatenate([cond, uncond]) if guidance != 1.0 else cond
+        hints = None if hint is None else (jnp.concatenate([hint, hint]) if guidance != 1.0 else hint)
 
         def eps(z, t):
-            both = jnp.concatenate([cond, uncond]) if guidance != 1.0 else cond
             zz = jnp.concatenate([z, z]) if guidance != 1.0 else z
             tt = jnp.concatenate([t, t]) if guidance != 1.0 else t
             extra = {}
-            if residuals_fn is not None:
-                down, mid = residuals_fn(zz, tt, both)
+            if controlnet is not None:
+                down, mid = controlnet.apply({"params": controlnet_params}, zz, tt, both, hints,
+                                             conditioning_scale=scale)
                 extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
             out = unet.apply({"params": params["unet"]}, zz, tt, both, **extra)
             if guidance == 1.0:
@@ -217,9 +233,9 @@ def generate(ctx, unet, text_model, vae, params, vae_params, schedule, tokens, r
             c, u = jnp.split(out, 2)
             return u + guidance * (c - u)
 
-        z = jax.random.normal(rng, (tokens.shape[0], latent, latent, vae_config.latent_channels))
-        z = samplers.ddim_sample(eps, schedule, z, steps, eta=s.eta, rng=jax.random.fold_in(rng, 1))
+        z = jax.random.normal(rng, (tokens.shape[0], latent, latent, vae.config.latent_channels))
+        z = samplers.ddim_sample(eps, schedule, z, steps, eta=eta, rng=jax.random.fold_in(rng, 1))
         x = vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode)
         return jnp.clip((x + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
 
-    return np.asarray(common.jit(run, ctx)(params, vae_params, tokens, empty, rng))
+    return run

@@ -1,0 +1,52 @@
+"""Gradient accumulation over micro-batches: the same mean gradient, a carry threaded in order."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdsup.stages import common
+
+
+def _problem():
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(8, 2)),
+                                                                                    jnp.float32)}
+
+    def loss_and_grad(p, mb, r):
+        def loss(p):
+            return jnp.mean((mb["x"] @ p["w"] + p["b"] - mb["y"]) ** 2)
+        value, grads = jax.value_and_grad(loss)(p)
+        return {"loss": value}, grads
+
+    return params, batch, loss_and_grad
+
+
+@pytest.mark.parametrize("num_micro", [2, 4, 8])
+def test_accumulated_gradients_equal_the_full_batch_gradient(num_micro):
+    params, batch, loss_and_grad = _problem()
+    rng = jax.random.PRNGKey(0)
+    full_aux, full = jax.jit(lambda p, b: loss_and_grad(p, b, rng))(params, batch)
+    aux, grads = jax.jit(lambda p, b: common.accumulate_gradients(loss_and_grad, p, b, rng, num_micro))(params, batch)
+    np.testing.assert_allclose(aux["loss"], full_aux["loss"], rtol=1e-6)
+    for k in full:
+        np.testing.assert_allclose(grads[k], full[k], rtol=1e-5, atol=1e-7)
+
+
+def test_the_carry_runs_through_micro_batches_in_order():
+    batch = {"x": jnp.arange(8.0)}
+
+    def fn(carry, mb, rng):
+        # A running list of micro-batch sums, like BatchNorm statistics updated per micro-batch.
+        return carry * 10.0 + jnp.sum(mb["x"]), {"sum": jnp.sum(mb["x"])}
+
+    carry, out = common.scan_micro_batches(fn, jnp.float32(0.0), batch, jax.random.PRNGKey(0), 4)
+    assert float(carry) == ((1 * 10 + 5) * 10 + 9) * 10 + 13  # sums 1, 5, 9, 13 in order
+    assert float(out["sum"]) == pytest.approx(28.0 / 4)  # the mean over micro-batches
+
+
+def test_a_batch_that_does_not_split_is_refused():
+    params, batch, loss_and_grad = _problem()
+    with pytest.raises(ValueError, match="batch of 8 does not split into 3 micro-batches"):
+        common.accumulate_gradients(loss_and_grad, params, batch, jax.random.PRNGKey(0), 3)
