@@ -23,7 +23,7 @@ under the same setting. A trainer should do the same (`configure_malloc()`)
 or run under tcmalloc or jemalloc. SDSUP_BENCH_DEFAULT_MALLOC=1 measures
 without it.
 
-XLA:CPU's alternative kernels, measured with this benchmark (2025-11-25, 2
+XLA:CPU's alternative kernels, measured with this benchmark (2026-11-25, 2
 cores, load 1.4-1.9): `--xla_cpu_use_onednn=true
 --xla_cpu_experimental_onednn_custom_call=true` ratio 1.25 (worse),
 `--xla_cpu_use_xnnpack=true` ratio 1.11 (no gain over the default ~1.0-1.1).
