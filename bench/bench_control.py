@@ -17,22 +17,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import importlib.util  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sdsup import parallel, stages  # noqa: E402
+from sdsup import config_lib, parallel, stages  # noqa: E402
 from sdsup.data import scenes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg: str):
-    spec = importlib.util.spec_from_file_location("scenes_config", os.path.join(ROOT, "configs", "scenes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load(os.path.join(ROOT, "configs", "scenes.py"), arg)
 
 
 def _batch(ctx, tok, n):

@@ -40,12 +40,9 @@ GOAL_GIB = 16.0
 
 
 def _config():
-    import importlib.util
+    from sdsup import config_lib
 
-    spec = importlib.util.spec_from_file_location("scenes_config", os.path.join(ROOT, "configs", "scenes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("")
+    c = config_lib.load(os.path.join(ROOT, "configs", "scenes.py"))
     with c.unlocked():
         c.data.image_size = 512
         c.text.max_length = 77
@@ -70,21 +67,16 @@ def _shard_bytes(abstract_boxed, mesh_like) -> int:
     import flax.linen as nn
     import jax
 
-    from sdsup.models.partitioning import FSDP_RULES
     from sdsup.trainer import sharding
 
-    logical = nn.get_partition_spec(abstract_boxed)
-    unboxed = nn.meta.unbox(abstract_boxed)
+    specs = jax.tree.leaves(sharding.logical_specs(abstract_boxed, mesh_like),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     total = 0
-    for spec, leaf in zip(jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
-                          jax.tree.leaves(unboxed)):
-        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), FSDP_RULES)
-        fitted = sharding.fit_spec(mesh_spec, leaf.shape, mesh_like)
+    for spec, leaf in zip(specs, jax.tree.leaves(nn.meta.unbox(abstract_boxed))):
         shard = list(leaf.shape)
-        for i, axes in enumerate(fitted):
-            if axes is not None:
-                for a in (axes,) if isinstance(axes, str) else axes:
-                    shard[i] //= mesh_like.shape[a]
+        for i, axes in enumerate(spec):
+            for a in () if axes is None else (axes,) if isinstance(axes, str) else axes:
+                shard[i] //= mesh_like.shape[a]
         total += math.prod(shard) * leaf.dtype.itemsize
     return total
 

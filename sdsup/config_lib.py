@@ -116,5 +116,17 @@ def _validate_control(config) -> None:
              f"must be a non-negative integer at most control.ramp_end={c.ramp_end}", c.ramp_start)
 
 
+def load(path: str, arg: str = "") -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (what --config=PATH[:ARG] names)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sdsup_config", path)
+    if spec is None:
+        raise ConfigError(f"{path} is not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

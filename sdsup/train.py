@@ -115,17 +115,14 @@ def _unknown_override(argv):
 
 def _load_config_file(argv):
     """The config named by --config=FILE[:ARG], loaded without overrides."""
-    import importlib.util
-
     spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if not spec_arg:
         return None
+    from sdsup import config_lib
+
     path, _, arg = spec_arg.partition(":")
     try:
-        spec = importlib.util.spec_from_file_location("_sdsup_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
+        return config_lib.load(path, arg)
     except Exception:
         return None
 

@@ -6,13 +6,12 @@ batch is made from the scenes generator, and each process feeds the rows of
 the global batch that its devices hold.
 """
 
-import importlib.util
 import os
 
 import jax
 import numpy as np
 
-from sdsup import parallel, stages
+from sdsup import config_lib, parallel, stages
 from sdsup.data import scenes
 from sdsup.trainer import sharding
 
@@ -21,10 +20,7 @@ BATCH = 8
 
 
 def config():
-    spec = importlib.util.spec_from_file_location("scenes_config", os.path.join(ROOT, "configs", "scenes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("smoke")
+    c = config_lib.load(os.path.join(ROOT, "configs", "scenes.py"), "smoke")
     with c.unlocked():
         c.data.image_size = 16
         c.vae.model.update(block_out_channels=(8, 8, 8), norm_num_groups=4)  # 16x16 -> 4x4x4 latents

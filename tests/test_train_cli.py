@@ -22,12 +22,7 @@ def _train(*args, timeout=300):
 
 
 def _load(arg=""):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scenes_config", os.path.join(ROOT, "configs", "scenes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load(os.path.join(ROOT, "configs", "scenes.py"), arg)
 
 
 def test_help_works():

@@ -129,14 +129,19 @@ def _dense_bwd(residuals, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def _conv_params(module: nn.Module, kernel_size, in_features: int, features: int, use_bias: bool, param_dtype, kernel_init):
-    """Create (kernel [kh, kw, in, out], bias [out] or None) in `module`'s scope."""
-    kh, kw = kernel_size
-    kernel = module.param("kernel", with_axes(kernel_init, CONV_KERNEL), (kh, kw, in_features, features), param_dtype)
+def _kernel_and_bias(module: nn.Module, shape: Tuple[int, ...], axes, use_bias: bool, param_dtype, kernel_init):
+    """Create (kernel of `shape` with logical `axes`, bias [shape[-1]] or None) in `module`'s scope."""
+    kernel = module.param("kernel", with_axes(kernel_init, axes), shape, param_dtype)
     bias = None
     if use_bias:
-        bias = module.param("bias", with_axes(nn.initializers.zeros, BIAS), (features,), param_dtype)
+        bias = module.param("bias", with_axes(nn.initializers.zeros, BIAS), (shape[-1],), param_dtype)
     return kernel, bias
+
+
+def _conv_params(module: nn.Module, kernel_size, in_features: int, features: int, use_bias: bool, param_dtype, kernel_init):
+    """(kernel [kh, kw, in, out], bias [out] or None)."""
+    shape = (*kernel_size, in_features, features)
+    return _kernel_and_bias(module, shape, CONV_KERNEL, use_bias, param_dtype, kernel_init)
 
 
 class ConvParams(nn.Module):
@@ -195,12 +200,8 @@ class Conv(nn.Module):
 
 
 def _dense_params(module: nn.Module, in_features: int, features: int, use_bias: bool, param_dtype, kernel_init):
-    """Create (kernel [in, out], bias [out] or None) in `module`'s scope."""
-    kernel = module.param("kernel", with_axes(kernel_init, DENSE_KERNEL), (in_features, features), param_dtype)
-    bias = None
-    if use_bias:
-        bias = module.param("bias", with_axes(nn.initializers.zeros, BIAS), (features,), param_dtype)
-    return kernel, bias
+    """(kernel [in, out], bias [out] or None)."""
+    return _kernel_and_bias(module, (in_features, features), DENSE_KERNEL, use_bias, param_dtype, kernel_init)
 
 
 class Dense(nn.Module):

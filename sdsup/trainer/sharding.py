@@ -47,16 +47,26 @@ def fit_spec(spec: P, shape: Tuple[int, ...], mesh: Mesh) -> P:
     return P(*fitted)
 
 
-def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES) -> Any:
-    """NamedShardings for a (possibly boxed) abstract tree; unboxed leaves replicate."""
+def logical_specs(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES) -> Any:
+    """Mesh PartitionSpecs for a (possibly boxed) abstract tree; unboxed leaves replicate.
+
+    Only `mesh.shape` is read, so a stand-in with the axis sizes of a mesh one
+    does not have (a 256-chip pod, for memory estimates) works too.
+    """
     logical = nn.get_partition_spec(abstract_boxed)
     unboxed = nn.meta.unbox(abstract_boxed)
 
     def one(spec, leaf):
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if spec is not None else P()
-        return NamedSharding(mesh, fit_spec(mesh_spec, leaf.shape, mesh))
+        return fit_spec(mesh_spec, leaf.shape, mesh)
 
     return jax.tree.map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES) -> Any:
+    """NamedShardings for a (possibly boxed) abstract tree; unboxed leaves replicate."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), logical_specs(abstract_boxed, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RULES,
