@@ -113,6 +113,24 @@ def test_add_noise_velocity_and_inversions(kind):
 # ----------------------------------------------------------------------------- DDIM
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers_training_scripts(prediction_type):
+    """The weighting diffusers' text-to-image scripts apply with --snr_gamma."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    gamma, t = 5.0, np.array([0, 3, 50, 200, 500, 999])
+    ref_sched = _ddim_ref(prediction_type=prediction_type)
+    snr = compute_snr(ref_sched, torch.from_numpy(t))
+    ref = torch.minimum(snr, torch.full_like(snr, gamma))
+    ref = ref / snr if prediction_type == "epsilon" else ref / (snr + 1)
+    s = _schedule(prediction_type=prediction_type)
+    got = sched_lib.min_snr_weights(s, jnp.asarray(t), gamma)
+    np.testing.assert_allclose(np.asarray(got), ref.numpy(), rtol=1e-5)
+    assert float(got[-1]) == pytest.approx(1.0 if prediction_type == "epsilon" else float(ref[-1]), rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(sched_lib.min_snr_weights(s, jnp.asarray(t), 0.0)), np.ones(6))
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_ddim_timesteps_match_diffusers(spacing):
     for n in (1, 3, 10, 25, 50, 999):

@@ -42,8 +42,21 @@ def test_the_carry_runs_through_micro_batches_in_order():
         return carry * 10.0 + jnp.sum(mb["x"]), {"sum": jnp.sum(mb["x"])}
 
     carry, out = common.scan_micro_batches(fn, jnp.float32(0.0), batch, jax.random.PRNGKey(0), 4)
-    assert float(carry) == ((1 * 10 + 5) * 10 + 9) * 10 + 13  # sums 1, 5, 9, 13 in order
+    # Strided micro-batches {0, 4}, {1, 5}, {2, 6}, {3, 7}: sums 4, 6, 8, 10 in order.
+    assert float(carry) == ((4 * 10 + 6) * 10 + 8) * 10 + 10
     assert float(out["sum"]) == pytest.approx(28.0 / 4)  # the mean over micro-batches
+
+
+def test_every_device_holds_a_share_of_every_micro_batch():
+    """With the batch sharded over 8 devices, micro-batches are split over all 8 (no resharding per step)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = jax.device_put(jnp.arange(32.0).reshape(32, 1), sharded)
+    micro = jax.jit(lambda b: common.micro_batches(b, 4))({"x": x})["x"]
+    assert micro.shape == (4, 8, 1)
+    np.testing.assert_array_equal(np.asarray(micro[1, :, 0]), np.arange(1, 32, 4))
+    for shard in micro.addressable_shards:  # one example of each micro-batch per device
+        assert shard.data.shape == (4, 1, 1), shard.data.shape
 
 
 def test_a_batch_that_does_not_split_is_refused():

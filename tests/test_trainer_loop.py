@@ -129,6 +129,15 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
 
 
+def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), asynchronous=False)
+    ckpt.save(1, {"w": jnp.zeros((32,))})
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"does not fit the state.*delete .*ckpt"):
+        ckpt.restore({"w": jax.ShapeDtypeStruct((16,), jnp.float32)})
+    ckpt.close()
+
+
 def test_sample_pictures_go_to_png_files_and_tensorboard(tmp_path):
     from PIL import Image
     from tensorboard.backend.event_processing import event_accumulator

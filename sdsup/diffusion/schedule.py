@@ -168,3 +168,20 @@ def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     """Signal-to-noise ratio abar_t / (1 - abar_t), shape of t (for min-SNR weighting)."""
     abar = _abar(schedule, t)
     return abar / (1.0 - abar)
+
+
+def min_snr_weights(schedule: NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Per-timestep loss weights of Min-SNR-gamma (Hang et al. 2023), shape of t.
+
+    The weight that makes the regression loss on this prediction type equal
+    min(SNR_t, gamma) times the x0 loss: min(SNR, gamma) / SNR for epsilon,
+    min(SNR, gamma) / (SNR + 1) for v. Low-noise timesteps, which dominate a
+    uniform draw but barely shape the sample, stop crowding out the noisy
+    ones that decide the layout. gamma <= 0 gives uniform weights.
+    """
+    check_prediction_type(schedule.prediction_type)
+    if gamma <= 0:
+        return jnp.ones(jnp.shape(t), jnp.float32)
+    s = snr(schedule, t)
+    clipped = jnp.minimum(s, gamma)
+    return clipped / s if schedule.prediction_type == "epsilon" else clipped / (s + 1.0)

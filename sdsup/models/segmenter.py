@@ -420,10 +420,16 @@ class ResNetBlock(nn.Module):
         return nn.relu(h + residual)
 
 
+def _remat(cls, remat: bool):
+    # `train` (argument 2 counting self) decides BatchNorm's mode in Python.
+    return nn.remat(cls, static_argnums=(2,)) if remat else cls
+
+
 class ResNetBackbone(nn.Module):
     """Returns every stage's output: (stem after max pool, stage1, ..., stageK)."""
 
     config: SegmenterConfig
+    remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -431,13 +437,13 @@ class ResNetBackbone(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> Tuple[jax.Array, ...]:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = ConvNorm(cfg.embedding_size, 7, 2, name="embedder", **kw)(x, train)
+        x = _remat(ConvNorm, self.remat)(cfg.embedding_size, 7, 2, name="embedder", **kw)(x, train)
         # Padding with -inf, as torch's MaxPool2d(3, 2, padding=1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         hidden = [x]
         for i, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
             for j in range(depth):
-                x = ResNetBlock(
+                x = _remat(ResNetBlock, self.remat)(
                     width,
                     cfg.stage_stride(i) if j == 0 else 1,
                     cfg.layer_type == "bottleneck",
@@ -521,14 +527,17 @@ class UperNetSegmenter(nn.Module):
     """
 
     config: SegmenterConfig
+    # Rematerialise each backbone block and the decode head in the backward
+    # pass (the discriminator at 512x512 runs three times per lazy step).
+    remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.backbone = ResNetBackbone(cfg, **kw)
-        self.decode_head = UperNetHead(cfg.head_channels, cfg.pool_scales, cfg.num_classes, **kw)
+        self.backbone = ResNetBackbone(cfg, self.remat, **kw)
+        self.decode_head = _remat(UperNetHead, self.remat)(cfg.head_channels, cfg.pool_scales, cfg.num_classes, **kw)
         if cfg.use_auxiliary_head:
             self.auxiliary_head = FCNHead(
                 cfg.auxiliary_channels, cfg.auxiliary_num_convs, cfg.auxiliary_concat_input, cfg.num_classes, **kw

@@ -13,9 +13,14 @@ maps weights both ways key by key.
     latents = vae.encode_to_latents(variables, images, rng)      # scaled for the UNet
     images = vae.decode_latents(variables, latents)              # inverse of the scaling
 
-With `remat=True` every encoder/decoder block (down, mid, up) is
-rematerialised in the backward pass: only block inputs are kept, which is what
-makes decoding x0 estimates with gradients affordable in the trainer.
+With `remat=True` every layer of the encoder/decoder blocks (each resnet,
+attention and up/downsampler) is rematerialised in the backward pass: only
+layer inputs are kept, which is what makes decoding x0 estimates with
+gradients affordable in the trainer. Per layer, not per block: a decoder up
+block at 512x512 holds three 128-channel resnets, and rematerialising the
+block whole keeps all their internals live at once in its backward (11.7 GiB
+of temporaries for SD's decoder at batch 4, 512x512, versus the per-layer
+figure in bench/bench_scale.py).
 """
 
 import dataclasses
@@ -62,7 +67,7 @@ class VAEConfig:
     pipelines to run the VAE in float32 and has no effect here (`dtype` rules).
 
     Flax-only fields: `dtype` (compute), `param_dtype`, `remat`
-    (rematerialise each encoder/decoder block in the backward pass) and
+    (rematerialise each encoder/decoder layer in the backward pass) and
     `attention_impl` (see `sdsup.models.layers.attention`).
     """
 
@@ -270,6 +275,7 @@ class _Block(nn.Module):
     out_channels: int
     num_layers: int
     groups: int
+    remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -277,8 +283,13 @@ class _Block(nn.Module):
     def _kw(self):
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+    def _layer(self, cls):
+        # nn.remat keeps parameter names, so checkpoints are the same either way.
+        return nn.remat(cls) if self.remat else cls
+
     def _resnet(self, i: int) -> ResnetBlock2D:
-        return ResnetBlock2D(self.out_channels, groups=self.groups, eps=_EPS, name=f"resnets_{i}", **self._kw)
+        return self._layer(ResnetBlock2D)(self.out_channels, groups=self.groups, eps=_EPS, name=f"resnets_{i}",
+                                          **self._kw)
 
 
 class DownEncoderBlock2D(_Block):
@@ -291,7 +302,7 @@ class DownEncoderBlock2D(_Block):
         for i in range(self.num_layers):
             h = self._resnet(i)(h)
         if self.add_downsample:
-            h = Downsample2D(self.out_channels, padding=0, name="downsamplers_0", **self._kw)(h)
+            h = self._layer(Downsample2D)(self.out_channels, padding=0, name="downsamplers_0", **self._kw)(h)
         return h
 
 
@@ -305,7 +316,7 @@ class UpDecoderBlock2D(_Block):
         for i in range(self.num_layers):
             h = self._resnet(i)(h)
         if self.add_upsample:
-            h = Upsample2D(self.out_channels, name="upsamplers_0", **self._kw)(h)
+            h = self._layer(Upsample2D)(self.out_channels, name="upsamplers_0", **self._kw)(h)
         return h
 
 
@@ -320,13 +331,9 @@ class UNetMidBlock2D(_Block):
         h = self._resnet(0)(h)
         for i in range(self.num_layers):
             if self.add_attention:
-                h = VAEAttention(self.groups, self.attention_impl, name=f"attentions_{i}", **self._kw)(h)
+                h = self._layer(VAEAttention)(self.groups, self.attention_impl, name=f"attentions_{i}", **self._kw)(h)
             h = self._resnet(i + 1)(h)
         return h
-
-
-def _maybe_remat(cls, remat: bool):
-    return nn.remat(cls) if remat else cls
 
 
 def _kw(config: VAEConfig) -> Dict[str, Any]:
@@ -344,12 +351,12 @@ class Encoder(nn.Module):
         kw = _kw(cfg)
         h = Conv(cfg.block_out_channels[0], name="conv_in", **kw)(x)
         for i, c in enumerate(cfg.block_out_channels):
-            h = _maybe_remat(DownEncoderBlock2D, cfg.remat)(
-                c, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < cfg.num_levels - 1,
+            h = DownEncoderBlock2D(
+                c, cfg.layers_per_block, cfg.norm_num_groups, cfg.remat, add_downsample=i < cfg.num_levels - 1,
                 name=f"down_blocks_{i}", **kw,
             )(h)
-        h = _maybe_remat(UNetMidBlock2D, cfg.remat)(
-            cfg.block_out_channels[-1], 1, cfg.norm_num_groups, add_attention=cfg.mid_block_add_attention,
+        h = UNetMidBlock2D(
+            cfg.block_out_channels[-1], 1, cfg.norm_num_groups, cfg.remat, add_attention=cfg.mid_block_add_attention,
             attention_impl=cfg.attention_impl, name="mid_block", **kw,
         )(h)
         h = GroupNorm(cfg.norm_num_groups, _EPS, silu=True, name="conv_norm_out", **kw)(h)
@@ -366,13 +373,13 @@ class Decoder(nn.Module):
         cfg = self.config
         kw = _kw(cfg)
         h = Conv(cfg.block_out_channels[-1], name="conv_in", **kw)(z)
-        h = _maybe_remat(UNetMidBlock2D, cfg.remat)(
-            cfg.block_out_channels[-1], 1, cfg.norm_num_groups, add_attention=cfg.mid_block_add_attention,
+        h = UNetMidBlock2D(
+            cfg.block_out_channels[-1], 1, cfg.norm_num_groups, cfg.remat, add_attention=cfg.mid_block_add_attention,
             attention_impl=cfg.attention_impl, name="mid_block", **kw,
         )(h)
         for i, c in enumerate(reversed(cfg.block_out_channels)):
-            h = _maybe_remat(UpDecoderBlock2D, cfg.remat)(
-                c, cfg.layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < cfg.num_levels - 1,
+            h = UpDecoderBlock2D(
+                c, cfg.layers_per_block + 1, cfg.norm_num_groups, cfg.remat, add_upsample=i < cfg.num_levels - 1,
                 name=f"up_blocks_{i}", **kw,
             )(h)
         h = GroupNorm(cfg.norm_num_groups, _EPS, silu=True, name="conv_norm_out", **kw)(h)

@@ -75,11 +75,18 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
 
 
 def micro_batches(batch: dict, num: int) -> dict:
-    """[B, ...] -> [num, B // num, ...] for `lax.scan` over micro-batches."""
+    """[B, ...] -> [num, B // num, ...] for `lax.scan` over micro-batches; micro-batch m = examples m, m+num, ...
+
+    Strided, not contiguous: the batch is sharded over devices in contiguous
+    blocks, so with B / devices a multiple of `num` every device holds its
+    share of every micro-batch and the scan runs on all devices at once. (A
+    contiguous split would put micro-batch m on a few devices only, and XLA
+    would move data, or compute redundantly, in each iteration.)
+    """
     def split(x):
         if x.shape[0] % num:
             raise ValueError(f"batch of {x.shape[0]} does not split into {num} micro-batches")
-        return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+        return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1)
     return jax.tree.map(split, batch)
 
 

@@ -289,7 +289,7 @@ class Setup:
         self.cn_config = controlnet_config(ctx, unet_config, self.table.shape[1])
         self.controlnet = ControlNetModel(self.cn_config)
         self.seg_config = discriminator_config(ctx, spec.num_classes)
-        self.seg = UperNetSegmenter(self.seg_config)
+        self.seg = UperNetSegmenter(self.seg_config, remat=bool(cfg.get("remat_discriminator", False)))
         self.gen_tx, self.gen_schedule = common.optimizer(cfg.optimizer, cfg.num_steps)
         # The segmenter updates on lazy steps from seg_start on: its schedule
         # (e.g. ALDM's one-cycle) spans that many updates, not num_steps.

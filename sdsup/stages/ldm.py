@@ -95,8 +95,9 @@ def make_step(unet, text_model, vae, tx, cfg, schedule, empty_tokens, pad_id, sh
         noise = jax.random.normal(rng_n, z0.shape, z0.dtype)
         z_t = schedule_lib.add_noise(schedule, z0, noise, t)
         pred = unet.apply({"params": params["unet"]}, z_t, t, context).astype(jnp.float32)
-        loss = jnp.mean(jnp.square(pred - schedule_lib.training_target(schedule, z0, noise, t)))
-        return loss, {"loss": loss, "loss/noise": loss}
+        per_example = jnp.mean(jnp.square(pred - schedule_lib.training_target(schedule, z0, noise, t)), axis=(1, 2, 3))
+        loss = jnp.mean(per_example * schedule_lib.min_snr_weights(schedule, t, cfg.get("min_snr_gamma", 0.0)))
+        return loss, {"loss": loss, "loss/noise": jnp.mean(per_example)}
 
     def step(state, batch, rng, vae_params):
         def lg(params, b, r):

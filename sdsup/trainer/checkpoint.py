@@ -20,6 +20,12 @@ from typing import Any, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
+from sdsup.errors import SdsupError
+
+
+class CheckpointMismatchError(SdsupError):
+    """A stage's checkpoint does not fit the state the current config builds."""
+
 
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
@@ -56,10 +62,17 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-        ))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ))
+        except (ValueError, KeyError, TypeError) as e:
+            # Typically the model or optimiser in the config changed since the checkpoint was written.
+            raise CheckpointMismatchError(
+                f"the checkpoint at step {step} in {self.directory} does not fit the state this config builds "
+                f"(was the config changed since it was written?): {str(e).splitlines()[0][:300]}. "
+                f"Use a new --workdir, or delete {self.directory} to start this stage over.") from e
         return restored["state"], dict(restored["data"] or {}), step
 
     def wait(self) -> None:

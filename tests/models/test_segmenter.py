@@ -185,6 +185,30 @@ def test_train_matches_torch(case):
                                        err_msg="/".join(key))
 
 
+def test_remat_changes_nothing_but_the_backward_schedule(case):
+    """remat=True: same parameter names, logits, BatchNorm updates and gradients (train mode)."""
+    cfg = case["cfg"]
+    params, stats = segmenter_from_torch(case["tmodel"].state_dict(), cfg)
+    x = jnp.asarray(case["images"])
+    out = {}
+    for remat in (False, True):
+        model = UperNetSegmenter(cfg, remat=remat)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+        assert jax.tree.structure(nn.meta.unbox(shapes["params"])) == jax.tree.structure(params)
+
+        def loss(p, x):
+            logits, updated = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                          mutable=["batch_stats"])
+            return jnp.mean(jnp.square(logits)), updated["batch_stats"]
+
+        (value, new_stats), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+        out[remat] = (value, new_stats, grads)
+    for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True])):
+        # Recomputation may fuse differently: float32 rounding, not exact equality.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert float(jnp.max(jnp.abs(out[True][2][1]))) > 0  # gradients reach the input
+
+
 def _random_like(tree, rng: np.random.RandomState):
     def fill(x):
         if jnp.issubdtype(x.dtype, jnp.integer):

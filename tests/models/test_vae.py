@@ -391,10 +391,13 @@ def test_decode_gradients_with_remat_match():
     grads = {}
     for remat in (False, True):
         traced = _jit(jax.grad(loss_fn(_config(name, remat=remat)), argnums=(0, 1))).trace(params, latents)
-        # Each decoder block (mid + one per level) is a rematerialised region of the backward pass
-        # (the primitive is `remat2` in current JAX, `checkpoint` in older ones).
+        # Each decoder layer is a rematerialised region of the backward pass: mid block
+        # (resnet, attention, resnet), per level layers_per_block + 1 resnets and, except on
+        # the last level, an upsampler (the primitive is `remat2` in current JAX, `checkpoint`
+        # in older ones).
         regions = [p for p in _primitives(traced.jaxpr) if p.startswith("remat") or p == "checkpoint"]
-        assert len(regions) == (1 + len(CONFIGS[name]["block_out_channels"]) if remat else 0)
+        levels, per_level = len(CONFIGS[name]["block_out_channels"]), CONFIGS[name]["layers_per_block"] + 1
+        assert len(regions) == (3 + levels * per_level + levels - 1 if remat else 0)
         grads[remat] = traced.lower().compile()(params, latents)
     leaves = jax.tree_util.tree_leaves(grads[True])
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
