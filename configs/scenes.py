@@ -12,9 +12,10 @@ Stages run in order (`config.stages`); finished ones are skipped on re-runs:
   data     build the dataset; preview grid and statistics
   vae      autoencoder, 64x64 images -> 16x16x4 latents
   ldm      text encoder + latent UNet (noise loss, caption dropout, EMA)
+  layout   text -> 32x32 label map by masked discrete diffusion (frozen ldm
+           text encoder); evaluation in WORKDIR/metrics.json and report.md
   control  segmentation conditioner with ALDM adversarial supervision
   evalseg  evaluation segmenter on real images only
-(The text -> layout stage joins with its issue.)
 
 Expected runtime on 2 CPU cores:
   smoke:   ~3 minutes with a warm compilation cache, 4-7 minutes cold
@@ -42,7 +43,7 @@ def get_config(arg: str = ""):
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("data", "vae", "ldm", "control", "evalseg")
+  c.stages = ("data", "vae", "ldm", "layout", "control", "evalseg")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "scenes"
@@ -114,6 +115,8 @@ def get_config(arg: str = ""):
   c.ldm.batch_size = 8 if smoke else 32
   c.ldm.micro_batches = 1
   c.ldm.caption_dropout = 0.1
+  # Min-SNR-gamma loss weighting (0 = uniform over timesteps).
+  c.ldm.min_snr_gamma = 0.0
   c.ldm.ema_decay = 0.99 if smoke else 0.995
   c.ldm.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 50, weight_decay=0.0, grad_clip=1.0))
@@ -122,6 +125,38 @@ def get_config(arg: str = ""):
   c.ldm.sample_every = 0 if smoke else 200
   c.ldm.checkpoint_every = 1000
   c.ldm.keep_checkpoints = 2
+
+  # Stage `layout`: text -> label map at 32x32 (masked discrete diffusion, METHOD.md "Text -> layout").
+  c.layout = ml_collections.ConfigDict()
+  c.layout.resolution = 16 if smoke else 32
+  c.layout.embed_dim = 16 if smoke else 32
+  if smoke:
+    layout_unet = dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2, norm_num_groups=8)
+  else:
+    # Cross-attention at 16x16 and 8x8: where the caption's objects get placed.
+    layout_unet = dict(block_out_channels=(16, 48, 96),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=4, norm_num_groups=16)
+  c.layout.unet = ml_collections.ConfigDict(dict(layout_unet, layers_per_block=1, remat=False))
+  c.layout.num_steps = 20 if smoke else 800
+  c.layout.batch_size = 8 if smoke else 32
+  c.layout.micro_batches = 1
+  c.layout.caption_dropout = 0.1
+  c.layout.ema_decay = 0.99 if smoke else 0.995
+  c.layout.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 50, weight_decay=0.0, grad_clip=1.0))
+  # Confidence-ordered unmasking: passes, draw temperature, CFG scale on the logits.
+  c.layout.sampling = ml_collections.ConfigDict(dict(steps=4 if smoke else 12, temperature=1.0, guidance=2.0))
+  # Evaluation at the end of the stage (metrics.json, report.md): examples per split, sample seeds.
+  c.layout.evaluate = True
+  c.layout.eval_examples = 16 if smoke else 128
+  c.layout.eval_seeds = 3
+  c.layout.log_every = 5 if smoke else 50
+  c.layout.sample_every = 0 if smoke else 400
+  c.layout.checkpoint_every = 1000
+  c.layout.keep_checkpoints = 2
 
   # Stage `control`: segmentation conditioner + ALDM adversarial supervision.
   c.control = ml_collections.ConfigDict()
@@ -156,6 +191,8 @@ def get_config(arg: str = ""):
   c.control.discriminator = ml_collections.ConfigDict(dict(
       embedding_size=16, hidden_sizes=(16, 32, 64), depths=(1, 1, 1), layer_type="basic", head_channels=32,
       pool_scales=(1, 2, 4)))
+  # Rematerialise the discriminator's blocks in the backward pass (memory at 512x512).
+  c.control.remat_discriminator = False
   c.control.log_every = 4 if smoke else 50
   c.control.sample_every = 0 if smoke else 200
   c.control.checkpoint_every = 1000

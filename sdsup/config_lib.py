@@ -65,11 +65,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  "must be a positive integer or -1", size)
     _positive_int(config, "preview_examples")
-    for stage in ("vae", "ldm", "control", "evalseg"):
+    for stage in ("vae", "ldm", "layout", "control", "evalseg"):
         if stage in stage_names and stage in config:
             _validate_training_stage(config, stage)
     if "control" in stage_names and "control" in config:
         _validate_control(config)
+    if "layout" in stage_names and "layout" in config:
+        _validate_layout(config)
 
 
 def _number_in(config, key: str, low: float, high: float, high_open: bool = False) -> None:
@@ -97,6 +99,8 @@ def _validate_training_stage(config, stage: str) -> None:
             _number_in(config, f"{stage}.{key}", 0.0, 1.0)
     if "ema_decay" in section:
         _number_in(config, f"{stage}.ema_decay", 0.0, 1.0, high_open=True)
+    if "min_snr_gamma" in section:
+        _number_in(config, f"{stage}.min_snr_gamma", 0.0, float("inf"))
 
 
 def _validate_control(config) -> None:
@@ -114,6 +118,17 @@ def _validate_control(config) -> None:
         _number_in(config, f"control.{key}", 0.0, float("inf"))
     _require(isinstance(c.ramp_start, int) and 0 <= c.ramp_start <= c.ramp_end, "control.ramp_start",
              f"must be a non-negative integer at most control.ramp_end={c.ramp_end}", c.ramp_start)
+
+
+def _validate_layout(config) -> None:
+    c = config.layout
+    for key in ("resolution", "embed_dim", "sampling.steps", "eval_examples", "eval_seeds"):
+        if key.split(".")[0] in c:
+            _positive_int(config, f"layout.{key}")
+    size = _get(config, "data.image_size")
+    _require(size % c.resolution == 0, "layout.resolution", f"must divide data.image_size={size}", c.resolution)
+    _number_in(config, "layout.sampling.temperature", 0.0, float("inf"))
+    _number_in(config, "layout.sampling.guidance", 0.0, float("inf"))
 
 
 def load(path: str, arg: str = "") -> ml_collections.ConfigDict:

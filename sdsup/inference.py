@@ -110,6 +110,29 @@ class Generator:
     def has_conditioner(self) -> bool:
         return os.path.exists(stages.done_marker(self.workdir, "control"))
 
+    @property
+    def has_layout_model(self) -> bool:
+        return os.path.exists(stages.done_marker(self.workdir, "layout"))
+
+    def layouts(self, prompt: str, num_samples: int = 1, seed: int = 0, mode: str = "sample",
+                steps: Optional[int] = None, temperature: Optional[float] = None,
+                guidance: Optional[float] = None) -> np.ndarray:
+        """Text -> label maps uint8 [num_samples, H, W] (H = W = the image size) from the layout stage."""
+        from sdsup.stages import layout
+
+        if not self.has_layout_model:
+            raise InferenceError(f"{self.workdir}: stage layout (text -> layout) has not finished; train it first")
+        if steps is not None and steps < 1:
+            raise InferenceError(f"--layout_steps must be at least 1, got {steps}")
+        if temperature is not None and temperature < 0:
+            raise InferenceError(f"--layout_temperature must be >= 0, got {temperature}")
+        if "layout_models" not in self.ctx.cache:
+            self.ctx.cache["layout_models"] = layout.load_models(self.ctx)
+        ids = layout.generate(self.ctx, self.ctx.cache["layout_models"], self.tokens(prompt, num_samples),
+                              jax.random.PRNGKey(seed), mode=mode, steps=steps, temperature=temperature,
+                              guidance=guidance)
+        return ids.astype(np.uint8)
+
     def tokens(self, prompt: str, n: int) -> np.ndarray:
         from sdsup.stages import common
 
@@ -127,7 +150,8 @@ class Generator:
         if layout is not None:
             if not self.has_conditioner:
                 raise InferenceError(f"{self.workdir}: a layout was given but stage control has not finished")
-            labels = np.repeat(layout[None], num_samples, 0)
+            # One map for every sample, or one map per sample ([N, H, W], e.g. from `layouts`).
+            labels = layout if layout.ndim == 3 else np.repeat(layout[None], num_samples, 0)
             return control.generate(self.ctx, tokens, labels, rng, guidance=guidance)
         vae_config, vae_params = self._vae()
         models = ldm.load(self.ctx)
@@ -157,4 +181,16 @@ class Generator:
             rows = [{"caption": prompt, "panels": [layout]}]
             viz.save_png(viz.captioned_grid(rows, self.spec.class_names, self.spec.palette, self.spec.ignore_id),
                          os.path.join(out, "layout.png"))
+        return paths
+
+    def save_layouts(self, out: str, layouts: np.ndarray, prompt: str = "") -> list:
+        """OUT/layout_<i>.npy (class ids) and OUT/layout_<i>.png (colour, with legend) per generated map."""
+        os.makedirs(out, exist_ok=True)
+        paths = []
+        for i, ids in enumerate(layouts):
+            npy, png = os.path.join(out, f"layout_{i}.npy"), os.path.join(out, f"layout_{i}.png")
+            np.save(npy, ids)
+            viz.save_png(viz.captioned_grid([{"caption": prompt, "panels": [ids]}], self.spec.class_names,
+                                            self.spec.palette, self.spec.ignore_id), png)
+            paths += [npy, png]
         return paths

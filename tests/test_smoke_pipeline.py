@@ -1,8 +1,9 @@
 """The whole embedded pipeline at smoke size, then `sdsup.sample` on its workdir.
 
 One training run (module fixture) serves every test here; it is the
-`configs/scenes.py:smoke` config end to end: data -> vae -> ldm -> control
-(with adversarial supervision) -> evalseg.
+`configs/scenes.py:smoke` config end to end: data -> vae -> ldm -> layout
+(text -> label map, with its evaluation) -> control (with adversarial
+supervision) -> evalseg.
 """
 
 import json
@@ -17,7 +18,9 @@ from PIL import Image
 from sdsup.data import scenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("data", "vae", "ldm", "control", "evalseg")
+STAGES = ("data", "vae", "ldm", "layout", "control", "evalseg")
+LAYOUT_KEYS = ("layout/miou_map", "layout/miou_sample_mean", "layout/miou_majority", "layout/miou_retrieval",
+               "layout/miou_oracle", "layout/relation_accuracy")
 
 
 def _run(module, *args, timeout=900):
@@ -42,8 +45,18 @@ def test_every_stage_finished_with_its_outputs(workdir):
         assert (workdir / stage / "DONE.json").exists(), stage
     for picture in ("data/preview.png", "vae/reconstructions.png", "ldm/samples.png", "control/samples.png"):
         assert (workdir / picture).stat().st_size > 1000, picture
-    for model in ("vae/model", "ldm/unet", "ldm/text_encoder", "control/controlnet", "evalseg/model"):
+    for model in ("vae/model", "ldm/unet", "ldm/text_encoder", "layout/model", "control/controlnet", "evalseg/model"):
         assert (workdir / model / "params.safetensors").exists(), model
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    for key in LAYOUT_KEYS + tuple(k + "/val" for k in LAYOUT_KEYS):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    # The oracle (ground truth at the model's resolution: 16x16 for 32x32 images here) bounds what a map
+    # at that resolution can score; small things lose pixels to the block vote, hence not ~1.
+    assert metrics["layout/miou_oracle"] > 0.6 and metrics["layout/miou_oracle"] >= metrics["layout/miou_map"]
+    report = (workdir / "report.md").read_text()
+    assert "miou_retrieval" in report and "layout/report_novel.png" in report
+    for picture in ("layout/samples.png", "layout/report_test.png", "layout/report_novel.png"):
+        assert (workdir / picture).stat().st_size > 1000, picture
     control = json.loads((workdir / "control" / "DONE.json").read_text())
     assert control["lambda_adv"] > 0
     # TensorBoard event files with the losses.
@@ -71,9 +84,23 @@ def test_sample_with_and_without_a_layout(workdir, tmp_path):
 
     text_only = tmp_path / "text_only"
     result = _run("sdsup.sample", f"--workdir={workdir}", "--prompt=sky over snow. a tree on the left.",
-                  f"--out={text_only}", "--steps=4", "--seed=3")
+                  f"--out={text_only}", "--steps=4", "--seed=3", "--num_samples=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (text_only / "image_0.png").exists()
+    # Text -> layout -> image: one generated map per image.
+    for i in range(2):
+        assert (text_only / f"image_{i}.png").exists() and (text_only / f"layout_{i}.png").exists()
+        ids = np.load(text_only / f"layout_{i}.npy")
+        assert ids.shape == (32, 32) and ids.max() < len(scenes.CLASS_NAMES)
+
+
+def test_layout_only_and_the_most_probable_map(workdir, tmp_path):
+    out = tmp_path / "maps"
+    result = _run("sdsup.sample", f"--workdir={workdir}", "--prompt=sky over sand. a rock on the left.",
+                  f"--out={out}", "--layout_only", "--layout_mode=map", "--num_samples=2", "--layout_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["layout_0.npy", "layout_0.png", "layout_1.npy", "layout_1.png"]
+    # The most probable map does not depend on the seed: both samples are the same map.
+    assert np.array_equal(np.load(out / "layout_0.npy"), np.load(out / "layout_1.npy"))
 
 
 def test_palette_png_layout_round_trips(workdir, tmp_path):
@@ -92,6 +119,8 @@ def test_palette_png_layout_round_trips(workdir, tmp_path):
     ("bad_ids", "outside the 13 classes"),
     ("wrong_size", "this model needs 32x32"),
     ("not_a_workdir", "has no config.json"),
+    ("layout_and_layout_only", "cannot be combined with --layout"),
+    ("bad_layout_steps", "--layout_steps must be at least 1"),
 ])
 def test_sample_errors_are_one_clear_line(workdir, tmp_path, case, message):
     args = [f"--workdir={workdir}", "--prompt=sky over grass.", f"--out={tmp_path / 'out'}"]
@@ -108,6 +137,11 @@ def test_sample_errors_are_one_clear_line(workdir, tmp_path, case, message):
         args.append(f"--layout={tmp_path / 'small.npy'}")
     elif case == "not_a_workdir":
         args[0] = f"--workdir={tmp_path}"
+    elif case == "layout_and_layout_only":
+        np.save(tmp_path / "ids.npy", np.zeros((32, 32), np.uint8))
+        args += [f"--layout={tmp_path / 'ids.npy'}", "--layout_only"]
+    elif case == "bad_layout_steps":
+        args += ["--layout_only", "--layout_steps=0"]
     result = _run("sdsup.sample", *args)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and last.startswith("error: ") and message in last, result.stderr[-2000:]

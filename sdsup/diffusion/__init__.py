@@ -4,7 +4,9 @@
 epsilon / v targets and conversions between model outputs); `samplers` holds
 DDIM, DPM-Solver++(2M), classifier-free guidance and the DDIM grid used by
 ALDM's multistep unrolling. Everything is pure JAX and numerically matches
-the diffusers PyTorch schedulers (see tests/test_diffusion.py).
+the diffusers PyTorch schedulers (see tests/test_diffusion.py). `masked` is
+the discrete counterpart for label maps (absorbing-state masking, MaskGIT
+decoding) used by the text -> layout stage.
 """
 
 from sdsup.diffusion.schedule import (  # noqa: F401

@@ -50,7 +50,7 @@ def names() -> list:
 
 
 def _load() -> None:
-    from sdsup.stages import control, data, evalseg, ldm, vae  # noqa: F401  (each module registers its stage)
+    from sdsup.stages import control, data, evalseg, layout, ldm, vae  # noqa: F401  (each module registers its stage)
 
 
 def done_marker(workdir: str, name: str) -> str:

@@ -1,0 +1,284 @@
+"""Evaluation of the text -> layout stage: mIoU against ground truth, baselines, relations, report.
+
+Per split (test = held-out compositions, validation), over the first
+`layout.eval_examples` examples, at the image resolution (predictions are
+upsampled nearest-neighbour), ignore id excluded, one confusion matrix per
+method over the whole split:
+
+  map        the most probable map (per-pixel argmax of the all-masked pass)
+  sample     confidence-ordered unmasking; mean and std over `layout.eval_seeds` seeds
+  majority   the per-pixel most frequent training class (no text)
+  retrieval  the map of the training example whose caption is nearest (TF-IDF cosine)
+  oracle     the ground truth at the model's resolution, upsampled (the ceiling of the resolution)
+
+For the scenes, relation accuracy: the share of relations the captions state
+("a car left of the tree", "a sun above the house") that the map's class
+centroids satisfy (a class missing from the map fails its relations).
+
+Writes `WORKDIR/metrics.json` (merged with keys other stages wrote) and
+`WORKDIR/report.md` with pictures under `WORKDIR/layout/`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from sdsup import segmentation, viz
+from sdsup.data import pipeline, registry
+from sdsup.diffusion import masked
+from sdsup.stages import common
+
+SPLITS = (("test", ""), ("validation", "/val"))
+# Prompts the scenes grammar never writes: other word orders, pairs held out of
+# training (HELD_OUT in sdsup/data/scenes.py), a stuff class as the only content.
+NOVEL_PROMPTS = (
+    "a red car left of a green tree. sky over grass.",
+    "sky over sand. a gray rock on the left. a house right of the rock.",
+    "a white cloud above a black rock. sky over snow with a road along the bottom.",
+    "sky over grass with a lake in the center and mountains on the horizon.",
+    "the sun at the top right above a car on the right. sky over sand.",
+    "two houses. sky over snow.",
+)
+
+
+# ----------------------------------------------------------------------------
+# Baselines.
+# ----------------------------------------------------------------------------
+def _words(caption: str) -> List[str]:
+    return [w for w in caption.lower().replace(".", " ").replace(",", " ").split() if w]
+
+
+class CaptionIndex:
+    """Nearest training caption by TF-IDF cosine over words (the retrieval baseline)."""
+
+    def __init__(self, captions: Sequence[str]):
+        vocab: Dict[str, int] = {}
+        docs = [collections.Counter(_words(c)) for c in captions]
+        for d in docs:
+            for w in d:
+                vocab.setdefault(w, len(vocab))
+        df = np.zeros(len(vocab))
+        for d in docs:
+            for w in d:
+                df[vocab[w]] += 1
+        self.vocab, self.idf = vocab, np.log((1 + len(docs)) / (1 + df)) + 1.0
+        self.matrix = self._vectors(docs)
+
+    def _vectors(self, docs) -> np.ndarray:
+        m = np.zeros((len(docs), len(self.vocab)), np.float32)
+        for i, d in enumerate(docs):
+            for w, n in d.items():
+                if w in self.vocab:
+                    m[i, self.vocab[w]] = n * self.idf[self.vocab[w]]
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-8)
+
+    def nearest(self, captions: Sequence[str]) -> np.ndarray:
+        q = self._vectors([collections.Counter(_words(c)) for c in captions])
+        return np.argmax(q @ self.matrix.T, axis=1)
+
+
+def majority_map(labels: np.ndarray, num_classes: int, ignore_id: int) -> np.ndarray:
+    """[H, W]: the most frequent class at each pixel over the maps [N, H, W]."""
+    pixels = int(np.prod(labels.shape[1:]))
+    flat = labels.reshape(len(labels), pixels).astype(np.int64)
+    where = np.broadcast_to(np.arange(pixels), flat.shape)
+    valid = flat != ignore_id
+    counts = np.bincount(where[valid] * num_classes + flat[valid], minlength=pixels * num_classes)
+    return np.argmax(counts.reshape(labels.shape[1:] + (num_classes,)), axis=-1).astype(np.int32)
+
+
+def oracle_map(labels: np.ndarray, factor: int, num_classes: int, ignore_id: int) -> np.ndarray:
+    low = masked.downsample_labels(jax.numpy.asarray(labels), factor, num_classes, ignore_id)
+    return masked.upsample_labels(np.asarray(low), factor)
+
+
+# ----------------------------------------------------------------------------
+# Relations (scenes).
+# ----------------------------------------------------------------------------
+def caption_relations(scene_json: str) -> List[Tuple[str, str, str]]:
+    """(class, relation, class) that a scene's caption states ("a car left of the tree")."""
+    from sdsup.data import scenes
+
+    scene = scenes.Scene.from_json(scene_json)
+    out = []
+    for g in scene.groups:
+        if g.ref is not None:
+            r = scene.groups[g.ref]
+            rel = scenes._relation_between(g, r)
+            if rel:
+                out.append((g.cls, rel, r.cls))
+    return out
+
+
+def relation_holds(label_map: np.ndarray, a: int, relation: str, b: int) -> bool:
+    """Whether class a's centroid is `relation` (left of / right of / above / below) class b's."""
+    ya, xa = np.nonzero(label_map == a)
+    yb, xb = np.nonzero(label_map == b)
+    if len(xa) == 0 or len(xb) == 0:
+        return False
+    if relation == "left of":
+        return xa.mean() < xb.mean()
+    if relation == "right of":
+        return xa.mean() > xb.mean()
+    if relation == "above":
+        return ya.mean() < yb.mean()
+    if relation == "below":
+        return ya.mean() > yb.mean()
+    raise ValueError(f"unknown relation {relation!r}")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+def _miou(confusion: np.ndarray) -> float:
+    return float(segmentation.iou_from_confusion(confusion)[0])
+
+
+def _train_reference(ctx, spec, builder, limit: int):
+    """(captions, label maps) of the first `limit` training examples (retrieval and majority)."""
+    source = registry.data_source(spec, builder, "train")
+    n = min(limit, len(source))
+    records = [source[i] for i in range(n)]
+    captions = [pipeline._text(r[spec.caption_field]) for r in records]
+    labels = np.stack([np.asarray(r["label"]) for r in records])
+    return captions, labels
+
+
+def evaluate(ctx, models: dict) -> dict:
+    """Metrics of the layout model (keys `layout/...`); writes metrics.json, report.md and pictures."""
+    from sdsup.stages import layout as layout_stage
+
+    cfg = ctx.config.layout
+    spec, builder = common.dataset(ctx)
+    tok = common.tokenizer(ctx)
+    n, ignore = spec.num_classes, spec.ignore_id
+    factor = layout_stage.downsample_factor(ctx)
+    train_captions, train_labels = _train_reference(ctx, spec, builder, int(cfg.get("reference_examples", 4000)))
+    index = CaptionIndex(train_captions)
+    majority = majority_map(train_labels, n, ignore)
+    seeds = int(cfg.eval_seeds)
+    scenes_like = spec.name == "scenes"
+    metrics: Dict[str, float] = {}
+    per_class = {}
+    examples_for_report = None
+
+    for split, suffix in SPLITS:
+        source = registry.data_source(spec, builder, split)
+        methods = ["map", "majority", "retrieval", "oracle"] + [f"sample{s}" for s in range(seeds)]
+        conf = {m: np.zeros((n, n), np.int64) for m in methods}
+        rel_hits = {m: 0 for m in methods}
+        rel_total = 0
+        for bi, batch in enumerate(pipeline.eval_batches(source, tokenizer=tok, global_batch_size=32,
+                                                         limit=int(cfg.eval_examples))):
+            labels, keep = batch["label"], batch["mask"]
+            preds = {
+                "map": layout_stage.generate(ctx, models, batch["tokens"], jax.random.PRNGKey(0), mode="map"),
+                "majority": np.broadcast_to(majority, labels.shape),
+                "retrieval": train_labels[index.nearest(batch["caption"])],
+                "oracle": oracle_map(labels, factor, n, ignore),
+            }
+            for s in range(seeds):
+                rng = jax.random.fold_in(jax.random.PRNGKey(1000 + s), bi)
+                preds[f"sample{s}"] = layout_stage.generate(ctx, models, batch["tokens"], rng, mode="sample")
+            for m, p in preds.items():
+                conf[m] += segmentation.confusion_matrix(p, labels, n, ignore, mask=keep)
+            if scenes_like:
+                for j in np.nonzero(keep)[0]:
+                    rels = caption_relations(pipeline._text(source[int(batch["index"][j])]["scene"]))
+                    rel_total += len(rels)
+                    for m, p in preds.items():
+                        rel_hits[m] += sum(relation_holds(p[j], spec.class_names.index(a), r,
+                                                          spec.class_names.index(b)) for a, r, b in rels)
+            if split == "test" and examples_for_report is None:
+                examples_for_report = (batch, preds)
+        sample_mious = [_miou(conf[f"sample{s}"]) for s in range(seeds)]
+        metrics.update({
+            f"layout/miou_map{suffix}": _miou(conf["map"]),
+            f"layout/miou_sample_mean{suffix}": float(np.mean(sample_mious)),
+            f"layout/miou_sample_std{suffix}": float(np.std(sample_mious)),
+            f"layout/miou_majority{suffix}": _miou(conf["majority"]),
+            f"layout/miou_retrieval{suffix}": _miou(conf["retrieval"]),
+            f"layout/miou_oracle{suffix}": _miou(conf["oracle"]),
+        })
+        if scenes_like and rel_total:
+            metrics[f"layout/relation_accuracy{suffix}"] = rel_hits["map"] / rel_total
+            metrics[f"layout/relation_accuracy_sample_mean{suffix}"] = float(np.mean(
+                [rel_hits[f"sample{s}"] / rel_total for s in range(seeds)]))
+            metrics[f"layout/relation_accuracy_retrieval{suffix}"] = rel_hits["retrieval"] / rel_total
+            metrics[f"layout/relation_accuracy_oracle{suffix}"] = rel_hits["oracle"] / rel_total
+            metrics[f"layout/relations{suffix}"] = rel_total
+        per_class[split] = {m: segmentation.iou_from_confusion(conf[m])[1] for m in ("map", "sample0", "retrieval")}
+        logging.info("layout %s: mIoU map %.3f, sample %.3f +- %.3f, retrieval %.3f, majority %.3f, oracle %.3f",
+                     split, metrics[f"layout/miou_map{suffix}"], metrics[f"layout/miou_sample_mean{suffix}"],
+                     metrics[f"layout/miou_sample_std{suffix}"], metrics[f"layout/miou_retrieval{suffix}"],
+                     metrics[f"layout/miou_majority{suffix}"], metrics[f"layout/miou_oracle{suffix}"])
+
+    if jax.process_index() == 0:
+        _write(ctx, metrics, per_class, spec, examples_for_report, models)
+    return metrics
+
+
+def _write(ctx, metrics: dict, per_class: dict, spec, examples, models) -> None:
+    from sdsup.stages import layout as layout_stage
+
+    out = ctx.stage_dir("layout")
+    batch, preds = examples
+    rows = [{"caption": batch["caption"][j],
+             "panels": [batch["label"][j], preds["map"][j], preds["sample0"][j], preds["sample1" if "sample1" in preds
+                                                                                    else "sample0"][j],
+                        preds["retrieval"][j]]}
+            for j in range(min(8, len(batch["caption"])))]
+    viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id),
+                 os.path.join(out, "report_test.png"))
+    tok = common.tokenizer(ctx)
+    tokens = np.stack([tok.encode(p) for p in NOVEL_PROMPTS])
+    best = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(0), mode="map")
+    sampled = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(7), mode="sample")
+    viz.save_png(viz.captioned_grid([{"caption": p, "panels": [m, s]} for p, m, s in zip(NOVEL_PROMPTS, best, sampled)],
+                                    spec.class_names, spec.palette, spec.ignore_id),
+                 os.path.join(out, "report_novel.png"))
+
+    path = os.path.join(ctx.workdir, "metrics.json")
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(metrics)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(merged, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+    def fmt(key):
+        v = metrics.get(key)
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    lines = ["# Text -> layout report", "",
+             f"Model: masked discrete diffusion at {ctx.config.layout.resolution}x{ctx.config.layout.resolution}, "
+             f"{ctx.config.layout.num_steps} steps; sampling {dict(ctx.config.layout.sampling)}; "
+             f"{ctx.config.layout.eval_examples} examples per split, {ctx.config.layout.eval_seeds} sample seeds.", "",
+             "| metric | test (held-out compositions) | validation |", "|---|---|---|"]
+    for name in ("miou_map", "miou_sample_mean", "miou_sample_std", "miou_retrieval", "miou_majority", "miou_oracle",
+                 "relation_accuracy", "relation_accuracy_sample_mean", "relation_accuracy_retrieval",
+                 "relation_accuracy_oracle"):
+        if f"layout/{name}" in metrics:
+            lines.append(f"| {name} | {fmt('layout/' + name)} | {fmt('layout/' + name + '/val')} |")
+    lines += ["", "Per-class IoU on test (map / sample seed 0 / retrieval):", "",
+              "| class | map | sample | retrieval |", "|---|---|---|---|"]
+    for c, name in enumerate(spec.class_names):
+        vals = [per_class["test"][m][c] for m in ("map", "sample0", "retrieval")]
+        lines.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in vals) + " |")
+    lines += ["", "Test examples: caption | ground truth | most probable map | two sampled maps | retrieval",
+              "", "![test examples](layout/report_test.png)", "",
+              "Prompts the grammar never writes (most probable map | sampled map):", "",
+              "![novel prompts](layout/report_novel.png)", ""]
+    with open(os.path.join(ctx.workdir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
