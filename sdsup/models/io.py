@@ -27,13 +27,14 @@ class ModelFileError(SdsupError):
 
 
 def _config_classes() -> Dict[str, Any]:
-    from sdsup.models import clip_text, controlnet, layout, segmenter, unet, vae
+    from sdsup.models import clip_text, clip_vision, controlnet, layout, segmenter, unet, vae
 
     return {
         "unet": unet.UNetConfig,
         "vae": vae.VAEConfig,
         "controlnet": controlnet.ControlNetConfig,
         "text_encoder": clip_text.CLIPTextConfig,
+        "image_encoder": clip_vision.CLIPVisionConfig,  # CLIP vision tower (+ projection), e.g. for CLIP score
         "segmenter": segmenter.SegmenterConfig,
         "layout": layout.LayoutConfig,
     }
