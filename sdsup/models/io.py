@@ -27,7 +27,7 @@ class ModelFileError(SdsupError):
 
 
 def _config_classes() -> Dict[str, Any]:
-    from sdsup.models import clip_text, controlnet, segmenter, unet, vae
+    from sdsup.models import clip_text, controlnet, inception, segmenter, unet, vae
 
     return {
         "unet": unet.UNetConfig,
@@ -35,6 +35,7 @@ def _config_classes() -> Dict[str, Any]:
         "controlnet": controlnet.ControlNetConfig,
         "text_encoder": clip_text.CLIPTextConfig,
         "segmenter": segmenter.SegmenterConfig,
+        "inception": inception.InceptionConfig,
     }
 
 
