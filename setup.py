@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.1",
     "absl-py>=2.1",
     "numpy>=2.0",
+    # FID's matrix square root (scipy.linalg.sqrtm); jax needs scipy too.
+    "scipy>=1.13",
     "pillow>=10.0",
     # Input: tfds builders written as array_record, read with grain.
     "tensorflow-datasets>=4.9.10",

@@ -27,7 +27,7 @@ class ModelFileError(SdsupError):
 
 
 def _config_classes() -> Dict[str, Any]:
-    from sdsup.models import clip_text, clip_vision, controlnet, layout, segmenter, unet, vae
+    from sdsup.models import clip_text, clip_vision, controlnet, inception, layout, segmenter, unet, vae
 
     return {
         "unet": unet.UNetConfig,
@@ -36,7 +36,11 @@ def _config_classes() -> Dict[str, Any]:
         "text_encoder": clip_text.CLIPTextConfig,
         "image_encoder": clip_vision.CLIPVisionConfig,  # CLIP vision tower (+ projection), e.g. for CLIP score
         "segmenter": segmenter.SegmenterConfig,
+<<<<<<< HEAD
         "layout": layout.LayoutConfig,
+=======
+        "inception": inception.InceptionConfig,
+>>>>>>> fid
     }
 
 
