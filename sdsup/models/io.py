@@ -36,11 +36,8 @@ def _config_classes() -> Dict[str, Any]:
         "text_encoder": clip_text.CLIPTextConfig,
         "image_encoder": clip_vision.CLIPVisionConfig,  # CLIP vision tower (+ projection), e.g. for CLIP score
         "segmenter": segmenter.SegmenterConfig,
-<<<<<<< HEAD
         "layout": layout.LayoutConfig,
-=======
-        "inception": inception.InceptionConfig,
->>>>>>> fid
+        "inception": inception.InceptionConfig,  # FID features (sdsup.convert.inception)
     }
 
 
