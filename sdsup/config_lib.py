@@ -70,8 +70,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _validate_training_stage(config, stage)
     if "control" in stage_names and "control" in config:
         _validate_control(config)
+        _validate_unet_trainable(config)
     if "layout" in stage_names and "layout" in config:
         _validate_layout(config)
+    if "evaluate" in config:
+        _validate_evaluate(config)
 
 
 def _number_in(config, key: str, low: float, high: float, high_open: bool = False) -> None:
@@ -120,6 +123,11 @@ def _validate_control(config) -> None:
              f"must be a non-negative integer at most control.ramp_end={c.ramp_end}", c.ramp_start)
 
 
+def _validate_unet_trainable(config) -> None:
+    value = config.control.get("unet_trainable", "none")
+    _require(value in ("none", "decoder"), "control.unet_trainable", "must be 'none' or 'decoder'", value)
+
+
 def _validate_layout(config) -> None:
     c = config.layout
     for key in ("resolution", "embed_dim", "sampling.steps", "eval_examples", "eval_seeds"):
@@ -129,6 +137,16 @@ def _validate_layout(config) -> None:
     _require(size % c.resolution == 0, "layout.resolution", f"must divide data.image_size={size}", c.resolution)
     _number_in(config, "layout.sampling.temperature", 0.0, float("inf"))
     _number_in(config, "layout.sampling.guidance", 0.0, float("inf"))
+
+
+def _validate_evaluate(config) -> None:
+    c = config.evaluate
+    _require(c.split in ("test", "validation"), "evaluate.split", "must be 'test' or 'validation'", c.split)
+    _require(isinstance(c.examples, int) and c.examples >= 2, "evaluate.examples",
+             "must be an integer >= 2 (FID needs two samples)", c.examples)
+    known = ("text_only", "control", "text_layout_image")
+    bad = [v for v in c.variants if v not in known]
+    _require(not bad, "evaluate.variants", f"has unknown variants {bad} (known: {known})", tuple(c.variants))
 
 
 def load(path: str, arg: str = "") -> ml_collections.ConfigDict:

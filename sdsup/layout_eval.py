@@ -15,15 +15,14 @@ For the scenes, relation accuracy: the share of relations the captions state
 ("a car left of the tree", "a sun above the house") that the map's class
 centroids satisfy (a class missing from the map fails its relations).
 
-Writes `WORKDIR/metrics.json` (merged with keys other stages wrote) and
-`WORKDIR/report.md` with pictures under `WORKDIR/layout/`.
+Merges its numbers into `WORKDIR/metrics.json` (per-class IoU as
+`layout/iou_<method>/<class>`) and rebuilds `WORKDIR/report.md`
+(`sdsup.evaluation.report`), with pictures under `WORKDIR/layout/`.
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import math
 import os
 from typing import Dict, List, Sequence, Tuple
 
@@ -32,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from sdsup import segmentation, viz
+from sdsup.evaluation import report
 from sdsup.data import pipeline, registry
 from sdsup.diffusion import masked
 from sdsup.stages import common
@@ -246,39 +246,9 @@ def _write(ctx, metrics: dict, per_class: dict, spec, examples, models) -> None:
                                     spec.class_names, spec.palette, spec.ignore_id),
                  os.path.join(out, "report_novel.png"))
 
-    path = os.path.join(ctx.workdir, "metrics.json")
-    merged = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = json.load(f)
-    merged.update(metrics)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(merged, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-    def fmt(key):
-        v = metrics.get(key)
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-    lines = ["# Text -> layout report", "",
-             f"Model: masked discrete diffusion at {ctx.config.layout.resolution}x{ctx.config.layout.resolution}, "
-             f"{ctx.config.layout.num_steps} steps; sampling {dict(ctx.config.layout.sampling)}; "
-             f"{ctx.config.layout.eval_examples} examples per split, {ctx.config.layout.eval_seeds} sample seeds.", "",
-             "| metric | test (held-out compositions) | validation |", "|---|---|---|"]
-    for name in ("miou_map", "miou_sample_mean", "miou_sample_std", "miou_retrieval", "miou_majority", "miou_oracle",
-                 "relation_accuracy", "relation_accuracy_sample_mean", "relation_accuracy_retrieval",
-                 "relation_accuracy_oracle"):
-        if f"layout/{name}" in metrics:
-            lines.append(f"| {name} | {fmt('layout/' + name)} | {fmt('layout/' + name + '/val')} |")
-    lines += ["", "Per-class IoU on test (map / sample seed 0 / retrieval):", "",
-              "| class | map | sample | retrieval |", "|---|---|---|---|"]
-    for c, name in enumerate(spec.class_names):
-        vals = [per_class["test"][m][c] for m in ("map", "sample0", "retrieval")]
-        lines.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in vals) + " |")
-    lines += ["", "Test examples: caption | ground truth | most probable map | two sampled maps | retrieval",
-              "", "![test examples](layout/report_test.png)", "",
-              "Prompts the grammar never writes (most probable map | sampled map):", "",
-              "![novel prompts](layout/report_novel.png)", ""]
-    with open(os.path.join(ctx.workdir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    per_class_metrics = {}
+    for method, key in (("map", "map"), ("sample0", "sample"), ("retrieval", "retrieval")):
+        for c, name in enumerate(spec.class_names):
+            per_class_metrics[f"layout/iou_{key}/{name}"] = float(per_class["test"][method][c])
+    report.merge_metrics(ctx.workdir, dict(metrics, **per_class_metrics))
+    report.write_report(ctx.workdir)

@@ -95,3 +95,51 @@ def captioned_grid(rows: Sequence[dict], class_names: Sequence[str], palette: Se
 def save_png(array: np.ndarray, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+# Series colours of bar charts (colour-blind-safe Okabe-Ito order).
+SERIES_COLOURS = ((0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0))
+
+
+def bar_chart(categories: Sequence[str], series: dict, title: str = "", width: int = 520,
+              bar: int = 7, value_range: tuple = (0.0, 1.0)) -> np.ndarray:
+    """Horizontal grouped bars: one group per category, one bar per series ({name: values}).
+
+    Values outside `value_range` are clipped; None / NaN draw no bar and an
+    "n/a" mark, so a class absent from a split is not mistaken for an IoU of 0.
+    """
+    names = list(series)
+    label_w, pad, top = 90, 4, 18 + 14 * ((len(names) + 2) // 3)
+    group = bar * len(names) + 6
+    axis = 14  # value labels under the bars
+    height = top + group * len(categories) + pad + axis
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = _font()
+    draw.text((pad, 2), title, fill=(0, 0, 0), font=font)
+    for k, name in enumerate(names):  # legend, three series per line
+        x, y = pad + (k % 3) * (width // 3), 16 + 14 * (k // 3)
+        draw.rectangle([x, y + 2, x + 9, y + 11], fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
+        draw.text((x + 13, y), name, fill=(0, 0, 0), font=font)
+    low, high = value_range
+    span = width - label_w - 40
+    for i, cat in enumerate(categories):
+        y0 = top + i * group
+        draw.text((pad, y0 + max(0, group // 2 - 8)), cat, fill=(0, 0, 0), font=font)
+        for k, name in enumerate(names):
+            v = series[name][i]
+            y = y0 + k * bar
+            if v is None or (isinstance(v, float) and np.isnan(v)):
+                draw.text((label_w, y - 3), "n/a", fill=(120, 120, 120), font=_font(9))
+                continue
+            frac = (min(max(float(v), low), high) - low) / max(high - low, 1e-12)
+            draw.rectangle([label_w, y, label_w + int(frac * span), y + bar - 2],
+                           fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
+        draw.line([label_w, y0 + group - 3, width - 40, y0 + group - 3], fill=(230, 230, 230))
+    bottom = height - pad - axis
+    draw.line([label_w, top, label_w, bottom], fill=(0, 0, 0))
+    for frac in (0.0, 0.5, 1.0):
+        x = label_w + int(frac * span)
+        draw.line([x, bottom, x, bottom + 3], fill=(0, 0, 0))
+        draw.text((x - 8, bottom + 3), f"{low + frac * (high - low):g}", fill=(0, 0, 0), font=_font(9))
+    return np.asarray(img)

@@ -63,3 +63,12 @@ def test_a_batch_that_does_not_split_is_refused():
     params, batch, loss_and_grad = _problem()
     with pytest.raises(ValueError, match="batch of 8 does not split into 3 micro-batches"):
         common.accumulate_gradients(loss_and_grad, params, batch, jax.random.PRNGKey(0), 3)
+
+
+def test_ema_decay_warms_up_then_holds_the_configured_value():
+    ema, params = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
+    first = common.ema_update(ema, params, 0.995, jnp.int32(1))
+    assert float(first["w"]) == pytest.approx(1 - 2 / 11)  # decay (1 + 1) / (10 + 1)
+    late = common.ema_update(ema, params, 0.995, jnp.int32(10_000))
+    assert float(late["w"]) == pytest.approx(0.005)  # the configured decay
+    assert float(common.ema_update(ema, params, 0.9)["w"]) == pytest.approx(0.1)  # no step: no warm-up

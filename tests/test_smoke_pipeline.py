@@ -3,11 +3,13 @@
 One training run (module fixture) serves every test here; it is the
 `configs/scenes.py:smoke` config end to end: data -> vae -> ldm -> layout
 (text -> label map, with its evaluation) -> control (with adversarial
-supervision) -> evalseg.
+supervision) -> evalseg -> evaluate. The ablation runs on top of it
+(`--from_workdir`), adding the plain-conditioner baseline.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +20,8 @@ from PIL import Image
 from sdsup.data import scenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("data", "vae", "ldm", "layout", "control", "evalseg")
+STAGES = ("data", "vae", "ldm", "layout", "control", "evalseg", "evaluate")
+VARIANTS = ("text_only", "control", "text_layout_image")
 LAYOUT_KEYS = ("layout/miou_map", "layout/miou_sample_mean", "layout/miou_majority", "layout/miou_retrieval",
                "layout/miou_oracle", "layout/relation_accuracy")
 
@@ -58,7 +61,17 @@ def test_every_stage_finished_with_its_outputs(workdir):
     for picture in ("layout/samples.png", "layout/report_test.png", "layout/report_novel.png"):
         assert (workdir / picture).stat().st_size > 1000, picture
     control = json.loads((workdir / "control" / "DONE.json").read_text())
-    assert control["lambda_adv"] > 0
+    assert control["lambda_adv"] > 0 and control["compile_s"] > 0
+    # The evaluate stage: every variant's image metrics, the ceiling, pictures and the report section.
+    for v in VARIANTS:
+        for m in ("image_miou", "layout_miou"):
+            assert 0.0 <= metrics[f"images/{v}/{m}"] <= 1.0, (v, m)
+        assert metrics[f"images/{v}/fid_segfeat"] >= 0 and metrics[f"images/{v}/examples"] == 16
+        assert (workdir / "evaluation" / f"samples_{v}.png").stat().st_size > 1000
+    assert metrics["images/control/image_miou"] == metrics["images/control/layout_miou"]  # same (true) layout
+    assert 0.0 <= metrics["images/real/miou"] <= 1.0 and metrics["images/clip_skipped"] == 1.0
+    assert "## Images" in report and "evaluation/per_class_iou.png" in report and "sdsup.train" in report
+    assert (workdir / "evaluation" / "per_class_iou.png").stat().st_size > 1000
     # TensorBoard event files with the losses.
     assert list((workdir / "control").glob("events.out.tfevents.*"))
 
@@ -146,3 +159,51 @@ def test_sample_errors_are_one_clear_line(workdir, tmp_path, case, message):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_cli_on_a_copy(workdir, tmp_path):
+    copy = tmp_path / "wd"
+    shutil.copytree(workdir, copy, symlinks=True)
+    result = _run("sdsup.evaluate", f"--workdir={copy}", "--variants=control", "--examples=8", "--split=validation")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "images/control/image_miou:" in result.stdout and result.stdout.strip().endswith("report.md")
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert metrics["images/control/examples"] == 8
+    assert "layout/miou_map" in metrics  # earlier evaluations stay
+    assert "Split: validation" in (copy / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--examples=1"], "--examples must be at least 2"),
+    (["--variants=nonsense"], "unknown variants"),
+])
+def test_evaluate_cli_errors(workdir, tmp_path, args, message):
+    copy = tmp_path / "wd"
+    shutil.copytree(workdir, copy, symlinks=True)
+    result = _run("sdsup.evaluate", f"--workdir={copy}", *args)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("error: ") and message in last, result.stderr[-2000:]
+
+
+def test_ablation_on_top_of_the_run(workdir, tmp_path):
+    out = tmp_path / "ablation"
+    result = _run("sdsup.experiments.ablation", "--config=configs/scenes.py:smoke", f"--workdir={out}",
+                  f"--from_workdir={workdir}", "--seeds=1", f"--config.data.data_dir={workdir.parent / 'tfds'}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    ablation = json.loads((out / "ablation.json").read_text())
+    assert set(ablation["variants"]) == {"text_only", "control", "aldm", "text_layout_image"}
+    for v, metrics in ablation["variants"].items():
+        assert set(metrics) == {"fid", "image_miou", "layout_miou"}
+        for m in metrics.values():
+            assert set(m) == {"mean", "std", "values"} and len(m["values"]) == 1 and m["std"] == 0.0
+    assert set(ablation["target"]) >= {"image_miou_gain", "fid_ratio", "met"}
+    # The run's own conditioner is the aldm variant; only the lambda_adv = 0 baseline was trained.
+    assert (out / "runs" / "control_s0" / "control" / "DONE.json").exists()
+    assert not (out / "runs" / "aldm_s0").exists()
+    assert json.loads((out / "runs" / "control_s0" / "control" / "DONE.json").read_text())["lambda_adv"] == 0.0
+    report = (out / "report.md").read_text()
+    for v in ablation["variants"]:
+        assert f"| {v} |" in report
+    assert "## Discussion" in report and "One seed only" in report
+    for picture in ("ablation/samples.png", "ablation/per_class_iou.png"):
+        assert (out / picture).stat().st_size > 1000, picture

@@ -621,7 +621,9 @@ def _source_from_workdir(root: str) -> _Source:
     run = _read_json(os.path.join(root, "config.json"), "the run's config")
     if not isinstance(run, dict):
         raise PipelineConvertError(f"{root}/config.json is not a JSON object")
-    for name, rel in (("vae", "vae/model"), ("unet", "ldm/unet"), ("text_encoder", "ldm/text_encoder")):
+    # A control stage that fine-tuned UNet parts (control.unet_trainable) leaves the UNet its conditioner needs.
+    unet_rel = "control/unet" if os.path.isdir(os.path.join(root, "control", "unet")) else "ldm/unet"
+    for name, rel in (("vae", "vae/model"), ("unet", unet_rel), ("text_encoder", "ldm/text_encoder")):
         path = os.path.join(root, rel)
         if not os.path.isdir(path):
             stage = rel.split("/")[0]

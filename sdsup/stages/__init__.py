@@ -51,6 +51,7 @@ def names() -> list:
 
 def _load() -> None:
     from sdsup.stages import control, data, evalseg, layout, ldm, vae  # noqa: F401  (each module registers its stage)
+    from sdsup.evaluation import suite  # noqa: F401  (stage "evaluate")
 
 
 def done_marker(workdir: str, name: str) -> str:
@@ -72,10 +73,14 @@ def run_all(ctx: Context, only: Optional[list] = None) -> dict:
             continue
         logging.info("stage %s: starting", name)
         start = time.time()
+        ctx.cache.pop("compile_s", None)
         summary = dict(_STAGES[name](ctx) or {})
         summary["seconds"] = round(time.time() - start, 2)
+        if "compile_s" in ctx.cache:  # the train step's ahead-of-time compile (sdsup.stages.common.compile_step)
+            summary["compile_s"] = round(ctx.cache.pop("compile_s"), 2)
         multihost_utils.sync_global_devices(f"stage {name} done")
         if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)  # a stage need not write files of its own
             tmp = marker + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2, sort_keys=True)

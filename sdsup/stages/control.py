@@ -107,6 +107,20 @@ def discriminator_config(ctx, num_classes: int) -> SegmenterConfig:
                            num_classes=num_classes + 1)
 
 
+def frozen_model_inits(ctx, unet_config, vae_config, text_config) -> dict:
+    """{"unet", "vae", "text_encoder"}: functions returning each model's boxed params (for eval_shape)."""
+    size, length, dim = int(ctx.config.data.image_size), ctx.config.text.max_length, text_config.hidden_size
+    latent = size // vae_config.downsample_factor
+    return {
+        "unet": lambda: UNet2DConditionModel(unet_config).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, latent, latent, unet_config.in_channels)),
+            jnp.zeros((1,), jnp.int32), jnp.zeros((1, length, dim)))["params"],
+        "vae": lambda: AutoencoderKL(vae_config).init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
+        "text_encoder": lambda: CLIPTextTransformer(text_config).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))["params"],
+    }
+
+
 def ramp(step, start: int, end: int):
     """r(step): 0 before `start`, linear to 1 at `end`, then 1."""
     if end <= start:
@@ -124,9 +138,11 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         raise ValueError(f"control.unroll_steps={unroll} must be in [0, grid_steps={cfg.grid_steps})")
 
     def predict(gen_params, frozen, z, t, context, hint):
-        down, mid = controlnet.apply({"params": gen_params}, z, t, context, hint,
+        down, mid = controlnet.apply({"params": gen_params["controlnet"]}, z, t, context, hint,
                                      conditioning_scale=cfg.conditioning_scale)
-        return unet.apply({"params": frozen["unet"]}, z, t, context, down, mid).astype(jnp.float32)
+        # The UNet's trainable parts (control.unet_trainable) replace their frozen copies.
+        unet_params = dict(frozen["unet"], **gen_params["unet"])
+        return unet.apply({"params": unet_params}, z, t, context, down, mid).astype(jnp.float32)
 
     @jax.checkpoint  # keep only the latents; the decoder's activations are recomputed in backward
     def decode(vae_params, z):
@@ -220,7 +236,8 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         context = jax.lax.stop_gradient(ldm_stage.encode_text(text_model, frozen["text_encoder"], tokens, pad_id))
         hint = hint_fn(labels, frozen)
         gen_params = state["gen"]["params"]
-        adv_weight = cfg.lambda_adv * ramp(step_no, cfg.ramp_start, cfg.ramp_end)
+        # lambda_adv is an input, not a constant: the plain-conditioner baseline (0) and ALDM run one program.
+        adv_weight = frozen["lambda_adv"] * ramp(step_no, cfg.ramp_start, cfg.ramp_end)
         seg_state = state["seg"]
 
         def lazy_micro(batch_stats, mb, rng):
@@ -256,7 +273,7 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         lazy = (step_no % cfg.n_lazy) == 0
         grads, new_seg, noise_loss, adv_metrics = jax.lax.cond(lazy, lazy_branch, plain_branch, None)
         new_params, gen_opt, grad_norm = common.apply_gradients(gen_tx, gen_params, state["gen"]["opt"], grads)
-        ema = common.ema_update(state["gen"]["ema"], new_params, cfg.ema_decay)
+        ema = common.ema_update(state["gen"]["ema"], new_params, cfg.ema_decay, step_no + 1)
         metrics = dict(adv_metrics)
         metrics["loss/noise"] = noise_loss
         metrics["loss"] = noise_loss + adv_weight * metrics["loss/adv"]
@@ -310,10 +327,29 @@ class Setup:
         return controlnet_lib.layout_hint(labels, self.cn_config, palette=jnp.asarray(self.spec.palette_array),
                                           table=frozen["class_table"], ignore_id=self.spec.ignore_id)
 
+    def trainable_unet_names(self) -> tuple:
+        """Top-level UNet parameter names the generator trains besides the conditioner.
+
+        control.unet_trainable: "none" (ALDM's default, sd_locked) or "decoder"
+        (ControlNet's sd_locked=False: the up blocks and the output layers).
+        """
+        what = self.cfg.get("unet_trainable", "none")
+        if what == "none":
+            return ()
+        if what == "decoder":
+            n = len(self.unet_config.block_out_channels)
+            return tuple(f"up_blocks_{i}" for i in range(n)) + ("conv_norm_out", "conv_out")
+        raise ValueError(f"control.unet_trainable must be 'none' or 'decoder', got {what!r}")
+
     def init(self, rng):
-        """The boxed train state: conditioner (+ AdamW, EMA), segmenter (+ AdamW), counters."""
+        """The boxed train state: generator = conditioner (+ trainable UNet parts), AdamW, EMA; segmenter; counters."""
         r1, r2 = jax.random.split(rng)
-        gen = self.controlnet.init(r1, *controlnet_lib.dummy_inputs(self.cn_config, 1, self.latent))["params"]
+        gen = {"controlnet": self.controlnet.init(r1, *controlnet_lib.dummy_inputs(self.cn_config, 1, self.latent))
+               ["params"], "unet": {}}
+        names = self.trainable_unet_names()
+        if names:
+            unet = self.frozen_inits()["unet"]()
+            gen["unet"] = {k: unet[k] for k in names}
         seg_vars = self.seg.init(r2, jnp.zeros((2, self.size, self.size, 3)), train=False)
         return {"gen": {"params": gen, "opt": self.gen_tx.init(gen), "ema": gen},
                 "seg": {"params": seg_vars["params"], "batch_stats": seg_vars["batch_stats"],
@@ -323,22 +359,15 @@ class Setup:
 
     def frozen_inits(self):
         """Boxed-parameter initialisers of the frozen models (for their shardings)."""
-        length, dim = self.ctx.config.text.max_length, self.text_config.hidden_size
-        return {
-            "unet": lambda: self.unet.init(jax.random.PRNGKey(0),
-                                           jnp.zeros((1, self.latent, self.latent, self.unet_config.in_channels)),
-                                           jnp.zeros((1,), jnp.int32), jnp.zeros((1, length, dim)))["params"],
-            "vae": lambda: self.vae.init(jax.random.PRNGKey(0), jnp.zeros((1, self.size, self.size, 3)))["params"],
-            "text_encoder": lambda: self.text_model.init(jax.random.PRNGKey(0),
-                                                         jnp.zeros((1, length), jnp.int32))["params"],
-        }
+        return frozen_model_inits(self.ctx, self.unet_config, self.vae.config, self.text_config)
 
     def create_state(self, mesh, unet_params, seed: int):
         """(state, shardings) on `mesh`, the conditioner's encoder copied from the UNet."""
         state, shardings = sharding.create_sharded(self.init, mesh, jax.random.PRNGKey(seed),
                                                    compiler_options=common.compiler_options(self.ctx))
-        gen = controlnet_lib.controlnet_params_from_unet(unet_params, jax.device_get(state["gen"]["params"]),
-                                                         self.cn_config)
+        gen = {"controlnet": controlnet_lib.controlnet_params_from_unet(
+                   unet_params, jax.device_get(state["gen"]["params"]["controlnet"]), self.cn_config),
+               "unet": {k: unet_params[k] for k in self.trainable_unet_names()}}
         # Separate copies: on CPU, device_put may alias host memory, and params
         # and EMA are donated to the step as two different buffers.
         state["gen"]["params"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["params"])
@@ -352,6 +381,7 @@ class Setup:
             "vae": common.place(inits["vae"], vae_params, mesh),
             "text_encoder": common.place(inits["text_encoder"], text_params, mesh),
             "class_table": jax.device_put(jnp.asarray(self.table), sharding.replicated(mesh)),
+            "lambda_adv": jax.device_put(jnp.float32(self.cfg.lambda_adv), sharding.replicated(mesh)),
         }
 
     def step(self, shardings, cfg=None):
@@ -382,9 +412,13 @@ def run(ctx: stages.Context) -> dict:
     host_models = {"unet": models["unet"], "text_encoder": models["text_encoder"], "vae": (vae_config, vae_params),
                    "table": table}
 
+    def with_generator(ema):
+        """The sampling models with the generator's (EMA) weights: the conditioner and any trained UNet parts."""
+        unet = (unet_config, dict(unet_params, **ema["unet"]))
+        return dict(host_models, unet=unet, controlnet=(setup.cn_config, ema["controlnet"]))
+
     def pictures(step, state):
-        ema = sharding.host_copy(state["gen"]["ema"])
-        return sample_grid(ctx, dict(host_models, controlnet=(setup.cn_config, ema)))
+        return sample_grid(ctx, with_generator(sharding.host_copy(state["gen"]["ema"])))
 
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=41, pictures=pictures,
                          learning_rates=setup.learning_rates())
@@ -392,26 +426,41 @@ def run(ctx: stages.Context) -> dict:
     ema = sharding.host_copy(state["gen"]["ema"])
     seg_vars = sharding.host_copy({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
     if jax.process_index() == 0:
-        model_io.save(os.path.join(out, "controlnet"), "controlnet", setup.cn_config, ema)
+        final = with_generator(ema)
+        model_io.save(os.path.join(out, "controlnet"), "controlnet", setup.cn_config, ema["controlnet"])
+        if ema["unet"]:  # the UNet with its fine-tuned parts; sampling with this conditioner uses it
+            model_io.save(os.path.join(out, "unet"), "unet", unet_config, final["unet"][1])
         model_io.save(os.path.join(out, "discriminator"), "segmenter", setup.seg_config, seg_vars)
         np.save(os.path.join(out, "class_table.npy"), table)
         with common.timed("control: sample grid"):
-            viz.save_png(sample_grid(ctx, dict(host_models, controlnet=(setup.cn_config, ema))),
-                         os.path.join(out, "samples.png"))
-    return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding}
+            viz.save_png(sample_grid(ctx, final), os.path.join(out, "samples.png"))
+    return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding,
+            "unet_trainable": list(setup.trainable_unet_names())}
 
 
-def load(ctx: stages.Context):
-    """(ControlNetConfig, params, class table) of the finished stage."""
-    _, config, params, _ = model_io.load(os.path.join(ctx.workdir, NAME, "controlnet"))
-    return config, params, np.load(os.path.join(ctx.workdir, NAME, "class_table.npy"))
+def load(ctx: stages.Context, directory: str = None):
+    """(ControlNetConfig, params, class table, UNet (config, params) or None) of a finished control stage.
+
+    The UNet is there when the stage fine-tuned parts of it (control.unet_trainable);
+    images with this conditioner must use it instead of the ldm stage's.
+    """
+    directory = directory or os.path.join(ctx.workdir, NAME)
+    _, config, params, _ = model_io.load(os.path.join(directory, "controlnet"))
+    unet = None
+    if os.path.exists(os.path.join(directory, "unet", model_io.CONFIG_FILE)):
+        _, unet_config, unet_params, _ = model_io.load(os.path.join(directory, "unet"))
+        unet = (unet_config, unet_params)
+    return config, params, np.load(os.path.join(directory, "class_table.npy")), unet
 
 
-def load_models(ctx) -> dict:
+def load_models(ctx, directory: str = None) -> dict:
     """The finished stages' models for sampling: {name: (config, params)} and the class table."""
     vae_config, vae_params = vae_stage.load(ctx)
-    cn_config, cn_params, table = load(ctx)
-    return dict(ldm_stage.load(ctx), vae=(vae_config, vae_params), controlnet=(cn_config, cn_params), table=table)
+    cn_config, cn_params, table, unet = load(ctx, directory)
+    models = dict(ldm_stage.load(ctx), vae=(vae_config, vae_params), controlnet=(cn_config, cn_params), table=table)
+    if unet is not None:
+        models["unet"] = unet
+    return models
 
 
 def generate(ctx, tokens, labels, rng, guidance=None, models=None):

@@ -79,7 +79,7 @@ def make_step(model, text_model, tx, cfg, spec, empty_tokens, pad_id, factor: in
 
         metrics, grads = common.accumulate_gradients(lg, state["params"], batch, rng, cfg.micro_batches)
         params, opt, metrics["grad_norm"] = common.apply_gradients(tx, state["params"], state["opt"], grads)
-        ema = common.ema_update(state["ema"], params, cfg.ema_decay)
+        ema = common.ema_update(state["ema"], params, cfg.ema_decay, state["step"] + 1)
         return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))

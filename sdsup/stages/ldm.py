@@ -106,7 +106,7 @@ def make_step(unet, text_model, vae, tx, cfg, schedule, empty_tokens, pad_id, sh
 
         metrics, grads = common.accumulate_gradients(lg, state["params"], batch, rng, cfg.micro_batches)
         params, opt, metrics["grad_norm"] = common.apply_gradients(tx, state["params"], state["opt"], grads)
-        ema = common.ema_update(state["ema"], params, cfg.ema_decay)
+        ema = common.ema_update(state["ema"], params, cfg.ema_decay, state["step"] + 1)
         return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))

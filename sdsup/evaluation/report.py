@@ -1,0 +1,198 @@
+"""WORKDIR/metrics.json (flat name -> number) and WORKDIR/report.md, built from it.
+
+Every evaluation (the layout stage's, `sdsup.evaluate`'s) merges its numbers
+into metrics.json and calls `write_report`, which rebuilds report.md from
+metrics.json alone plus the pictures that exist, so the report never
+disagrees with the numbers and any evaluation can run again on its own.
+
+Key scheme:
+  layout/<metric>[/val]               text -> layout (sdsup.layout_eval)
+  layout/iou_map/<class>              per-class IoU of the most probable map (test split)
+  images/<variant>/<metric>           image_miou, layout_miou, fid_segfeat, clip_score, examples
+  images/<variant>/iou/<class>        per-class image IoU
+  images/real/miou                    the evaluation segmenter on real images (the ceiling)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+from typing import Dict, Iterable, List, Optional
+
+from sdsup import viz
+
+METRICS_FILE, REPORT_FILE, PROVENANCE_FILE = "metrics.json", "report.md", "evaluation/provenance.json"
+IMAGE_METRICS = (("image_miou", "image mIoU (vs conditioning layout)"), ("layout_miou", "mIoU vs ground truth"),
+                 ("fid_segfeat", "FID (segmenter features)"), ("fid_inception", "FID (Inception)"),
+                 ("clip_score", "CLIP score"))
+LAYOUT_ROWS = ("miou_map", "miou_sample_mean", "miou_sample_std", "miou_retrieval", "miou_majority", "miou_oracle",
+               "relation_accuracy", "relation_accuracy_sample_mean", "relation_accuracy_retrieval",
+               "relation_accuracy_oracle")
+
+
+def read_metrics(workdir: str) -> Dict[str, float]:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_metrics(workdir: str, metrics: Dict[str, float]) -> Dict[str, float]:
+    """Adds `metrics` to WORKDIR/metrics.json (atomically) and returns the whole file's content."""
+    merged = read_metrics(workdir)
+    merged.update({k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
+                   for k, v in metrics.items()})
+    _write_json(os.path.join(workdir, METRICS_FILE), merged)
+    return merged
+
+
+def read_provenance(workdir: str) -> dict:
+    path = os.path.join(workdir, PROVENANCE_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def record_command(workdir: str, config=None, **facts) -> None:
+    """Keeps the command line, config and `facts` (e.g. split=...) of this evaluation for the report."""
+    prov = dict(read_provenance(workdir), **facts)
+    prov["command"] = " ".join(shlex.quote(a) for a in ["python", "-m"] + _argv())
+    if config is not None:
+        prov["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    _write_json(os.path.join(workdir, PROVENANCE_FILE), prov)
+
+
+def _argv() -> List[str]:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(".py"):  # python -m sdsup.evaluate gives .../sdsup/evaluate.py
+        parts = os.path.normpath(argv[0])[:-3].split(os.sep)
+        if "sdsup" in parts:
+            argv[0] = ".".join(parts[parts.index("sdsup"):])
+    return argv
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _variants(metrics: Dict[str, float]) -> List[str]:
+    seen = []
+    for key in metrics:
+        parts = key.split("/")
+        if parts[0] == "images" and len(parts) >= 3 and parts[1] != "real" and parts[1] not in seen:
+            seen.append(parts[1])
+    order = ("text_only", "control", "aldm", "text_layout_image")
+    return sorted(seen, key=lambda v: (order.index(v) if v in order else len(order), v))
+
+
+def _picture(workdir: str, rel: str, alt: str) -> List[str]:
+    return [f"![{alt}]({rel})", ""] if os.path.exists(os.path.join(workdir, rel)) else []
+
+
+def image_section(workdir: str, metrics: Dict[str, float], class_names: Optional[Iterable[str]] = None) -> List[str]:
+    variants = _variants(metrics)
+    if not variants:
+        return []
+    split = read_provenance(workdir).get("split", "test")
+    lines = ["## Images", "",
+             f"Split: {split}{' (held-out compositions)' if split == 'test' else ''}; "
+             f"{int(metrics.get(f'images/{variants[0]}/examples', 0))} examples per variant, one image each.", "",
+             "| variant | " + " | ".join(label for _, label in IMAGE_METRICS) + " |",
+             "|---|" + "---|" * len(IMAGE_METRICS)]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(_fmt(metrics.get(f"images/{v}/{m}"), 2 if m.startswith("fid") else 3)
+                                              for m, _ in IMAGE_METRICS) + " |")
+    if "images/real/miou" in metrics:
+        lines.append(f"| real images (ceiling) | {_fmt(metrics['images/real/miou'])} | "
+                     f"{_fmt(metrics['images/real/miou'])} | 0 | 0 | n/a |")
+    lines += ["", "image mIoU: the evaluation segmenter (trained on real images only, never the discriminator) "
+              "segments each generated image; the confusion is taken against the layout the image was "
+              "conditioned on (for text_only: the layout of the example its caption describes; for "
+              "text_layout_image: the generated map). \"mIoU vs ground truth\" compares with the example's real "
+              "map. FID (segmenter features) is the Frechet distance between generated and real images of the "
+              "split in the evaluation segmenter's pooled backbone features: a domain stand-in for Inception "
+              "features, not comparable with published FID values. CLIP score needs a local CLIP model "
+              "(`--clip_dir`).", ""]
+    if metrics.get("images/clip_skipped"):
+        lines += ["CLIP score: skipped (no local CLIP model given).", ""]
+    lines += _picture(workdir, "evaluation/per_class_iou.png", "per-class image IoU")
+    for v in variants:
+        pic = _picture(workdir, f"evaluation/samples_{v}.png", f"{v} samples")
+        if pic:
+            lines += [f"{v}: caption | conditioning layout | generated | real", ""] + pic
+    return lines
+
+
+def layout_section(workdir: str, metrics: Dict[str, float]) -> List[str]:
+    if "layout/miou_map" not in metrics:
+        return []
+    lines = ["## Text -> layout", "", "| metric | test (held-out compositions) | validation |", "|---|---|---|"]
+    for name in LAYOUT_ROWS:
+        if f"layout/{name}" in metrics:
+            lines.append(f"| {name} | {_fmt(metrics.get('layout/' + name))} | "
+                         f"{_fmt(metrics.get('layout/' + name + '/val'))} |")
+    per_class = sorted(k for k in metrics if k.startswith("layout/iou_map/"))
+    if per_class:
+        lines += ["", "Per-class IoU on test (most probable map / sampled map / retrieval):", "",
+                  "| class | map | sample | retrieval |", "|---|---|---|---|"]
+        for key in per_class:
+            name = key.rsplit("/", 1)[1]
+            lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(f"layout/iou_{m}/{name}"))
+                                                     for m in ("map", "sample", "retrieval")) + " |")
+    lines += [""]
+    lines += ["Test examples: caption | ground truth | most probable map | two sampled maps | retrieval", ""]
+    lines += _picture(workdir, "layout/report_test.png", "test examples")
+    lines += ["Prompts the grammar never writes (most probable map | sampled map):", ""]
+    lines += _picture(workdir, "layout/report_novel.png", "novel prompts")
+    return lines
+
+
+def per_class_chart(workdir: str, metrics: Dict[str, float], class_names: Iterable[str]) -> Optional[str]:
+    """evaluation/per_class_iou.png: per-class image IoU of every variant; returns its path."""
+    class_names = list(class_names)
+    variants = _variants(metrics)
+    if not variants:
+        return None
+    series = {v: [metrics.get(f"images/{v}/iou/{c}") for c in class_names] for v in variants}
+    path = os.path.join(workdir, "evaluation", "per_class_iou.png")
+    viz.save_png(viz.bar_chart(class_names, series, title="Per-class image IoU (evaluation segmenter)"), path)
+    return path
+
+
+def write_report(workdir: str, class_names: Optional[Iterable[str]] = None) -> str:
+    """Rebuilds WORKDIR/report.md from metrics.json, the pictures and the recorded command."""
+    metrics = read_metrics(workdir)
+    if class_names is not None:
+        per_class_chart(workdir, metrics, class_names)
+    lines = ["# sdsup evaluation report", "",
+             f"Workdir: `{os.path.abspath(workdir)}`. All numbers are also in `metrics.json`.", ""]
+    lines += image_section(workdir, metrics, class_names)
+    lines += layout_section(workdir, metrics)
+    prov = read_provenance(workdir)
+    if prov:
+        lines += ["## Command and config", "", "```", prov.get("command", ""), "```", ""]
+        if "config" in prov:
+            lines += ["<details><summary>config</summary>", "", "```json",
+                      json.dumps(prov["config"], indent=1, sort_keys=True, default=str), "```", "", "</details>", ""]
+    path = os.path.join(workdir, REPORT_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+

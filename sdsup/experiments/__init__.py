@@ -1,0 +1,1 @@
+"""Experiments built from the library: the ALDM ablation (`python -m sdsup.experiments.ablation`)."""

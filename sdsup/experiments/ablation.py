@@ -1,0 +1,306 @@
+r"""The ablation behind ALDM's claim, on one config: does adversarial supervision make images follow layouts?
+
+  python -m sdsup.experiments.ablation --workdir=DIR [--config=configs/scenes.py[:smoke]] [--seeds=3]
+  python -m sdsup.experiments.ablation --workdir=DIR --from_workdir=RUN   # reuse a finished sdsup.train run
+
+Variants, with the same budget (the config's control stage) and seeds:
+  text_only          the text-conditional LDM, no layout;
+  control            + the segmentation conditioner on ground-truth layouts, lambda_adv = 0;
+  aldm               + adversarial supervision (the config's lambda_adv);
+  text_layout_image  the full pipeline: layouts generated from the caption, into the aldm conditioner.
+
+Shared stages (data, vae, ldm, layout, evalseg) train once, in DIR/shared
+(or are taken from --from_workdir when its config agrees); each (variant,
+seed) conditioner trains in DIR/runs/<variant>_s<seed>/, whose other stages
+link to the shared ones. Seed s sets `config.seed + s` (the conditioner's
+initialisation, data order and step noise) and the sampling seed of the
+evaluation. Both conditioners run the same compiled step: lambda_adv = 0
+still computes the adversarial branch (and updates the segmenter, which then
+only monitors), so the budget is equal in wall time too.
+
+Writes DIR/ablation.json
+  {"variants": {name: {"fid": {"mean", "std", "values"}, "image_miou": ..., "layout_miou": ...}}, ...}
+and DIR/report.md (table, target, sample grids of the same prompts across
+variants, discussion). Metrics are those of `sdsup.evaluation.images`;
+"fid" is the segmenter-feature FID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sdsup.errors import SdsupError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the ablation.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Training and sampling seeds per variant.")
+_FROM = flags.DEFINE_string("from_workdir", None,
+                            "A finished `sdsup.train` workdir of the same config whose stages to reuse.")
+_SPLIT = flags.DEFINE_enum("split", None, ["test", "validation"], "Split (default: config.evaluate.split).")
+_EXAMPLES = flags.DEFINE_integer("examples", None, "Examples per variant (default: config.evaluate.examples).")
+flags.mark_flags_as_required(["workdir"])
+
+VARIANTS = ("text_only", "control", "aldm", "text_layout_image")
+SHARED_STAGES = ("data", "vae", "ldm", "layout", "evalseg")
+# Config sections that decide the shared stages: a reused workdir must agree on all of them.
+SHARED_SECTIONS = ("data", "text", "vae", "diffusion", "ldm", "layout", "evalseg", "input")
+METRICS = ("fid", "image_miou", "layout_miou")
+TARGET_MIOU_GAIN, TARGET_FID_RATIO = 0.05, 1.1
+
+
+class AblationError(SdsupError):
+    pass
+
+
+def _plain(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def check_reusable(config, workdir: str, stage_names) -> None:
+    """Raises AblationError unless `workdir`'s config agrees with `config` on the shared sections."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise AblationError(f"--from_workdir={workdir} is not a training workdir (no config.json)")
+    with open(path) as f:
+        theirs = json.load(f)
+    ours = _plain(config)
+    for section in SHARED_SECTIONS:
+        if section in ours and theirs.get(section) != ours[section]:
+            raise AblationError(f"--from_workdir={workdir} was trained with another config.{section}; "
+                                f"the ablation needs the shared stages of this config")
+    for name in stage_names:
+        if not os.path.exists(os.path.join(workdir, name, "DONE.json")):
+            raise AblationError(f"--from_workdir={workdir}: stage {name} has not finished")
+
+
+def variant_config(config, seed: int, lambda_adv: float):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.seed = int(config.seed) + seed
+        c.control.lambda_adv = float(lambda_adv)
+    return c
+
+
+def link_shared(shared: str, run_dir: str, stage_names) -> None:
+    """run_dir/<stage> -> shared/<stage> for the shared stages (relative links: the tree can move)."""
+    os.makedirs(run_dir, exist_ok=True)
+    for name in stage_names:
+        link = os.path.join(run_dir, name)
+        target = os.path.relpath(os.path.join(shared, name), run_dir)
+        if os.path.islink(link):
+            if os.readlink(link) == target:
+                continue
+            os.remove(link)
+        elif os.path.exists(link):
+            raise AblationError(f"{link} exists and is not a link to the shared stage")
+        os.symlink(target, link)
+
+
+def summarize(values: Dict[str, List[dict]]) -> dict:
+    """{variant: [per-seed result]} -> {variant: {metric: {mean, std, values}}}."""
+    out = {}
+    for variant, results in values.items():
+        out[variant] = {}
+        for m, key in (("fid", "fid_segfeat"), ("image_miou", "image_miou"), ("layout_miou", "layout_miou")):
+            xs = [float(r[key]) for r in results]
+            out[variant][m] = {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "values": xs}
+    return out
+
+
+def target_check(summary: dict) -> dict:
+    a, c = summary.get("aldm"), summary.get("control")
+    if not a or not c:
+        return {}
+    gain = a["image_miou"]["mean"] - c["image_miou"]["mean"]
+    ratio = a["fid"]["mean"] / max(c["fid"]["mean"], 1e-12)
+    return {"image_miou_gain": gain, "fid_ratio": ratio, "goal_image_miou_gain": TARGET_MIOU_GAIN,
+            "goal_fid_ratio": TARGET_FID_RATIO, "met": bool(gain >= TARGET_MIOU_GAIN and ratio <= TARGET_FID_RATIO)}
+
+
+def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, split: Optional[str] = None,
+        examples: Optional[int] = None) -> dict:
+    import jax
+
+    from sdsup import config_lib, parallel, stages, viz
+    from sdsup.evaluation import images, report
+    from sdsup.stages import common
+
+    if seeds < 1:
+        raise AblationError(f"--seeds must be at least 1, got {seeds}")
+    config_lib.validate(config)
+    shared_names = [s for s in config.stages if s in SHARED_STAGES]
+    for needed in ("vae", "ldm", "evalseg", "layout"):
+        if needed not in shared_names:
+            raise AblationError(f"the ablation needs stage {needed!r} in config.stages")
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(config.mesh)
+    if from_workdir:
+        shared = os.path.abspath(from_workdir)
+        check_reusable(config, shared, shared_names)
+    else:
+        shared = os.path.join(workdir, "shared")
+        os.makedirs(shared, exist_ok=True)
+        with open(os.path.join(shared, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
+        stages.run_all(stages.Context(config=config, workdir=shared, mesh=mesh), only=shared_names)
+
+    cfg_eval = config.evaluate
+    split = split or cfg_eval.split
+    examples = int(examples or cfg_eval.examples)
+    shared_ctx = stages.Context(config=config, workdir=shared, mesh=mesh)
+    segmenter = images.EvalSegmenter(shared_ctx)
+    spec, _ = common.dataset(shared_ctx)
+    results: Dict[str, List[dict]] = {v: [] for v in VARIANTS}
+    first_rows: Dict[str, list] = {}
+    for s in range(seeds):
+        conditioners = {}
+        for name, lam in (("control", 0.0), ("aldm", float(config.control.lambda_adv))):
+            vconfig = variant_config(config, s, lam)
+            run_dir = os.path.join(workdir, "runs", f"{name}_s{s}")
+            reuse = (from_workdir and s == 0 and lam > 0 and _same_control(from_workdir, vconfig))
+            if reuse:
+                run_dir = shared
+            else:
+                link_shared(shared, run_dir, shared_names)
+                with open(os.path.join(run_dir, "config.json"), "w") as f:
+                    f.write(config_lib.to_json(vconfig))
+                stages.run_all(stages.Context(config=vconfig, workdir=run_dir, mesh=mesh), only=["control"])
+            conditioners[name] = os.path.join(run_dir, "control")  # the control stage's directory
+        ctx = stages.Context(config=variant_config(config, s, config.control.lambda_adv), workdir=shared, mesh=mesh,
+                             cache=shared_ctx.cache)
+        for name in VARIANTS:
+            kind = {"aldm": "control"}.get(name, name)
+            generator = images.load_generator(ctx, conditioners["aldm" if name in ("aldm", "text_layout_image")
+                                                               else "control"])
+            if name == "text_only":
+                generator = generator.without_conditioner()
+            with common.timed(f"ablation: evaluate {name} seed {s}"):
+                r = images.evaluate_variant(ctx, kind, generator, segmenter, split=split, num_examples=examples,
+                                            seed=s)
+            first_rows.setdefault(name, r.pop("rows"))
+            r.pop("rows", None)
+            results[name].append(r)
+    summary = summarize(results)
+    out = {"variants": summary, "target": target_check(summary), "seeds": seeds, "split": split,
+           "examples": examples, "config": _plain(config), "shared": shared,
+           "per_seed": {v: [{k: x for k, x in r.items() if k != "per_class_iou"} for r in rs]
+                        for v, rs in results.items()}}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "ablation.json"), "w") as f:
+            json.dump(out, f, indent=2, sort_keys=True)
+        pictures = os.path.join(workdir, "ablation")
+        viz.save_png(comparison_grid(first_rows, spec), os.path.join(pictures, "samples.png"))
+        series = {v: [float(np.mean([r["per_class_iou"][c] if r["per_class_iou"][c] is not None else np.nan
+                                     for r in results[v]])) for c in spec.class_names] for v in VARIANTS}
+        viz.save_png(viz.bar_chart(list(spec.class_names), series, title="Per-class image IoU (mean over seeds)"),
+                     os.path.join(pictures, "per_class_iou.png"))
+        report.record_command(workdir, config, split=split, examples=examples, seeds=seeds)
+        write_report(workdir, out)
+    logging.info("ablation: %s", json.dumps(out["target"]))
+    return out
+
+
+def _same_control(workdir: str, vconfig) -> bool:
+    """Whether `workdir`'s finished control stage is this variant's (same control config and seed)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(os.path.join(workdir, "control", "DONE.json")) or not os.path.exists(path):
+        return False
+    with open(path) as f:
+        theirs = json.load(f)
+    ours = _plain(vconfig)
+    return theirs.get("control") == ours["control"] and theirs.get("seed") == ours["seed"]
+
+
+def comparison_grid(rows: Dict[str, list], spec) -> np.ndarray:
+    """The same prompts across variants: caption | ground truth | text_only | control | aldm | generated layout | tli."""
+    from sdsup import viz
+
+    n = min(len(r) for r in rows.values())
+    grid = []
+    for i in range(n):
+        gt = rows["control"][i]
+        grid.append({"caption": gt["caption"],
+                     "panels": [gt["ground_truth"], rows["text_only"][i]["image"], rows["control"][i]["image"],
+                                rows["aldm"][i]["image"], rows["text_layout_image"][i]["layout"],
+                                rows["text_layout_image"][i]["image"]]})
+    return viz.captioned_grid(grid, spec.class_names, spec.palette, spec.ignore_id)
+
+
+def _pm(m: dict, digits: int = 3) -> str:
+    return f"{m['mean']:.{digits}f} +- {m['std']:.{digits}f}"
+
+
+def discussion(out: dict) -> List[str]:
+    """A short reading of the numbers; it states what the numbers say, nothing they do not."""
+    v, t = out["variants"], out["target"]
+    lines = []
+    if t:
+        lines.append(f"Adversarial supervision changes image mIoU by {100 * t['image_miou_gain']:+.1f} points "
+                     f"(aldm {_pm(v['aldm']['image_miou'])} vs control {_pm(v['control']['image_miou'])}) at "
+                     f"{t['fid_ratio']:.2f}x the control variant's FID; the target (+{100 * TARGET_MIOU_GAIN:.0f} "
+                     f"points at <= {TARGET_FID_RATIO}x FID) is {'met' if t['met'] else 'NOT met'}.")
+        spread = max(v["aldm"]["image_miou"]["std"], v["control"]["image_miou"]["std"])
+        if out["seeds"] > 1 and abs(t["image_miou_gain"]) < 2 * spread:
+            lines.append(f"The difference is within twice the seed-to-seed spread ({100 * spread:.1f} points): "
+                         "not a reliable effect at this budget.")
+        if out["seeds"] == 1:
+            lines.append("One seed only: no spread is known, so no difference here is reliable.")
+    lines.append(f"Layouts help at all: control's image mIoU is {_pm(v['control']['image_miou'])} against "
+                 f"{_pm(v['text_only']['image_miou'])} for text alone, whose images are scored against the layout "
+                 "of the scene their caption came from.")
+    lines.append(f"End to end (text -> generated layout -> image), the image matches the real scene's layout with "
+                 f"mIoU {_pm(v['text_layout_image']['layout_miou'])}, against "
+                 f"{_pm(v['aldm']['layout_miou'])} when the true layout is given.")
+    return lines
+
+
+def write_report(workdir: str, out: dict) -> None:
+    from sdsup.evaluation import report
+
+    v = out["variants"]
+    lines = ["# Ablation: adversarial supervision (ALDM) on the segmentation conditioner", "",
+             f"Split: {out['split']}, {out['examples']} examples per variant and seed, {out['seeds']} seed(s); "
+             "mean +- std over seeds. FID is the segmenter-feature FID (not comparable with published FID).", "",
+             "| variant | image mIoU | mIoU vs ground truth | FID (segmenter features) |", "|---|---|---|---|"]
+    for name in VARIANTS:
+        lines.append(f"| {name} | {_pm(v[name]['image_miou'])} | {_pm(v[name]['layout_miou'])} | "
+                     f"{_pm(v[name]['fid'], 2)} |")
+    lines += ["", "## Discussion", ""] + [f"- {x}" for x in discussion(out)] + [""]
+    lines += ["## Samples (seed 0)", "",
+              "caption | ground-truth layout | text_only | control | aldm | generated layout | text_layout_image", "",
+              "![samples](ablation/samples.png)", "", "![per-class IoU](ablation/per_class_iou.png)", ""]
+    prov = report.read_provenance(workdir)
+    if prov:
+        lines += ["## Command", "", "```", prov.get("command", ""), "```", ""]
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import jax
+
+    config = _CONFIG.value
+    cache = config.get("jax_cache_dir") or os.path.expanduser("~/.cache/sdsup/jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    try:
+        out = run(config, _WORKDIR.value, _SEEDS.value, _FROM.value, _SPLIT.value, _EXAMPLES.value)
+    except SdsupError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({k: {m: round(x["mean"], 4) for m, x in d.items()} for k, d in out["variants"].items()}))
+    print(os.path.join(_WORKDIR.value, "report.md"))
+
+
+if __name__ == "__main__":
+    app.run(main)
