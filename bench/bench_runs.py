@@ -7,6 +7,8 @@ Each run gets a fresh workdir and an empty XLA compilation cache (so compile
 times are the real, cold ones); the dataset itself comes from the usual tfds
 directory (built once, then reused: building is `scenes_build`'s subject).
 Peak RSS is the child process's maximum resident set (getrusage).
+With SDSUP_BENCH_KEEP=DIR the run's workdir (DIR/<name>/run) is kept, e.g. to
+reuse the default run for the ablation (`--from_workdir`).
 """
 
 import json
@@ -21,7 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(config_arg: str, goal_s: float, name: str) -> dict:
-    tmp = tempfile.mkdtemp(prefix=f"sdsup_bench_{name}_")
+    keep = os.environ.get("SDSUP_BENCH_KEEP")
+    if keep:
+        tmp = os.path.join(os.path.abspath(keep), name)
+        if os.path.exists(tmp):
+            raise RuntimeError(f"SDSUP_BENCH_KEEP: {tmp} exists; the run must start from nothing")
+        os.makedirs(tmp)
+    else:
+        tmp = tempfile.mkdtemp(prefix=f"sdsup_bench_{name}_")
     try:
         workdir, cache = os.path.join(tmp, "run"), os.path.join(tmp, "jax_cache")
         config = "configs/scenes.py" + (f":{config_arg}" if config_arg else "")
@@ -56,7 +65,8 @@ def _run(config_arg: str, goal_s: float, name: str) -> dict:
                 "metrics": metrics, "config": config + ", cold compilation cache, dataset prebuilt",
                 "load_average": os.getloadavg()}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 BENCHMARKS = {

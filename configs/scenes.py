@@ -76,7 +76,7 @@ def get_config(arg: str = ""):
   c.vae.model = ml_collections.ConfigDict(dict(
       block_out_channels=(16, 32, 32) if smoke else (16, 32, 64), layers_per_block=1, latent_channels=4,
       norm_num_groups=8, mid_block_add_attention=True, remat=False))
-  c.vae.num_steps = 30 if smoke else 200
+  c.vae.num_steps = 30 if smoke else 140
   c.vae.batch_size = 8 if smoke else 16
   c.vae.micro_batches = 1
   c.vae.optimizer = ml_collections.ConfigDict(dict(
@@ -115,7 +115,7 @@ def get_config(arg: str = ""):
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 attention_head_dim=4, norm_num_groups=16)
   c.ldm.unet = ml_collections.ConfigDict(dict(unet, layers_per_block=1, remat=False))
-  c.ldm.num_steps = 30 if smoke else 600
+  c.ldm.num_steps = 30 if smoke else 400
   c.ldm.batch_size = 8 if smoke else 32
   c.ldm.micro_batches = 1
   c.ldm.caption_dropout = 0.1
@@ -126,30 +126,40 @@ def get_config(arg: str = ""):
       lr=1e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 50, weight_decay=0.0, grad_clip=1.0))
   c.ldm.log_every = 10 if smoke else 50
   # Sample grid (EMA weights) to TensorBoard and ldm/samples/ every this many steps; 0 = only at the end.
-  c.ldm.sample_every = 0 if smoke else 300
+  c.ldm.sample_every = 0 if smoke else 200
   c.ldm.checkpoint_every = 1000
   c.ldm.keep_checkpoints = 2
 
   # Stage `layout`: text -> label map at 16x16 (masked discrete diffusion, METHOD.md "Text -> layout").
-  # Measured on 2 cores (batch 32, fwd+bwd): 32x32 maps with a (16, 48, 96) UNet cost 2.1 s/step,
-  # 16x16 with (32, 64) and cross-attention at both levels 0.97 s/step.
+  # Measured on 2 cores (batch 32, fwd+bwd): 32x32 maps with a (16, 48, 96) UNet 2.1 s/step; 16x16 with
+  # (32, 64) and cross-attention at 16x16 and 8x8 0.94 s/step; (32, 64, 64) with cross-attention at 8x8
+  # and 4x4 0.55 s/step (cross-attention at 16x16 was 40% of the step).
   c.layout = ml_collections.ConfigDict()
   c.layout.resolution = 16
   c.layout.embed_dim = 16 if smoke else 32
+  # A learned vector per map position: the fully masked input is otherwise the same at every pixel.
+  c.layout.position_embedding = True
   if smoke:
     layout_unet = dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2, norm_num_groups=8)
   else:
-    # Cross-attention at 16x16 and 8x8: where the caption's objects get placed.
-    layout_unet = dict(block_out_channels=(32, 64),
-                       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layout_unet = dict(block_out_channels=(32, 64, 64),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                        attention_head_dim=4, norm_num_groups=16)
   c.layout.unet = ml_collections.ConfigDict(dict(layout_unet, layers_per_block=1, remat=False))
   c.layout.num_steps = 20 if smoke else 300
   c.layout.batch_size = 8 if smoke else 32
   c.layout.micro_batches = 1
   c.layout.caption_dropout = 0.1
+  # Fine-tune a copy of the ldm text encoder with the layout model (it was trained for images, not
+  # for where things go); False keeps it frozen.
+  c.layout.train_text_encoder = True
+  # Share of examples trained fully masked: the most probable map's pass (the rest: cosine schedule).
+  c.layout.full_mask_fraction = 0.5
+  # Class-balanced loss (OASIS weights of the batch, to this power; 0 = plain CE): sky and ground
+  # fill most pixels, and without it the most probable map holds no things at all.
+  c.layout.class_balance = 0.5
   c.layout.ema_decay = 0.99 if smoke else 0.995
   c.layout.optimizer = ml_collections.ConfigDict(dict(
       lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 30, weight_decay=0.0, grad_clip=1.0))
@@ -157,7 +167,7 @@ def get_config(arg: str = ""):
   c.layout.sampling = ml_collections.ConfigDict(dict(steps=4 if smoke else 8, temperature=1.0, guidance=2.0))
   # Evaluation at the end of the stage (metrics.json, report.md): examples per split, sample seeds.
   c.layout.evaluate = True
-  c.layout.eval_examples = 16 if smoke else 128
+  c.layout.eval_examples = 8 if smoke else 64
   c.layout.eval_seeds = 3
   c.layout.log_every = 5 if smoke else 50
   c.layout.sample_every = 0
@@ -179,7 +189,7 @@ def get_config(arg: str = ""):
   # "none": the UNet stays frozen (ALDM's sd_locked); "decoder": its up blocks and output layers
   # train with the conditioner (ControlNet's sd_locked=False).
   c.control.unet_trainable = "none"
-  c.control.num_steps = 16 if smoke else 300
+  c.control.num_steps = 16 if smoke else 200
   c.control.batch_size = 8 if smoke else 16
   c.control.micro_batches = 1
   c.control.caption_dropout = 0.1
@@ -191,8 +201,8 @@ def get_config(arg: str = ""):
   c.control.n_lazy = 4 if smoke else 8
   c.control.grid_steps = 10 if smoke else 25
   c.control.unroll_steps = 2 if smoke else 9
-  c.control.ramp_start = 4 if smoke else 100
-  c.control.ramp_end = 8 if smoke else 200
+  c.control.ramp_start = 4 if smoke else 60
+  c.control.ramp_end = 8 if smoke else 120
   c.control.seg_start = 0
   c.control.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="warmup_cosine", warmup_steps=2 if smoke else 25, weight_decay=0.0, grad_clip=1.0))
@@ -206,7 +216,7 @@ def get_config(arg: str = ""):
   # Rematerialise the discriminator's blocks in the backward pass (memory at 512x512).
   c.control.remat_discriminator = False
   c.control.log_every = 4 if smoke else 50
-  c.control.sample_every = 0 if smoke else 150
+  c.control.sample_every = 0 if smoke else 100
   c.control.checkpoint_every = 1000
   c.control.keep_checkpoints = 2
 
@@ -215,7 +225,7 @@ def get_config(arg: str = ""):
   c.evalseg.model = ml_collections.ConfigDict(dict(
       embedding_size=16, hidden_sizes=(16, 32, 64), depths=(1, 1, 1), layer_type="basic", head_channels=32,
       pool_scales=(1, 2, 4)))
-  c.evalseg.num_steps = 30 if smoke else 400
+  c.evalseg.num_steps = 30 if smoke else 500
   c.evalseg.batch_size = 8 if smoke else 32
   c.evalseg.optimizer = ml_collections.ConfigDict(dict(
       lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 25, weight_decay=1e-4, grad_clip=1.0))
@@ -227,7 +237,7 @@ def get_config(arg: str = ""):
   # segmenter-feature FID and, with a local CLIP model, CLIP score; WORKDIR/metrics.json and report.md.
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.split = "test"  # held-out compositions; "validation" for tuning
-  c.evaluate.examples = 16 if smoke else 128
+  c.evaluate.examples = 8 if smoke else 64  # smoke: the grids' batch, so the samplers compile once
   c.evaluate.seed = 0
   c.evaluate.clip_dir = config_dict.placeholder(str)  # local CLIP model (transformers layout) for CLIP score
   # sdsup Inception dir (python -m sdsup.convert.inception) for the standard FID; the scenes use the

@@ -136,6 +136,10 @@ def _validate_layout(config) -> None:
     size = _get(config, "data.image_size")
     _require(size % c.resolution == 0, "layout.resolution", f"must divide data.image_size={size}", c.resolution)
     _number_in(config, "layout.sampling.temperature", 0.0, float("inf"))
+    if "full_mask_fraction" in c:
+        _number_in(config, "layout.full_mask_fraction", 0.0, 1.0)
+    if "class_balance" in c:
+        _number_in(config, "layout.class_balance", 0.0, 1.0)
     _number_in(config, "layout.sampling.guidance", 0.0, float("inf"))
 
 

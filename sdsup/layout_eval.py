@@ -46,6 +46,8 @@ NOVEL_PROMPTS = (
     "sky over grass with a lake in the center and mountains on the horizon.",
     "the sun at the top right above a car on the right. sky over sand.",
     "two houses. sky over snow.",
+    "a small car right of a big house. sky over snow with mountains on the horizon.",
+    "three clouds in the sky. sky over sand with a road along the bottom.",
 )
 
 
@@ -152,6 +154,11 @@ def _train_reference(ctx, spec, builder, limit: int):
     return captions, labels
 
 
+def eval_batch_size(ctx) -> int:
+    """The evaluation's batch; the stage's sample grid uses it too, so the samplers compile once."""
+    return min(common.EVAL_BATCH, int(ctx.config.layout.eval_examples))
+
+
 def evaluate(ctx, models: dict) -> dict:
     """Metrics of the layout model (keys `layout/...`); writes metrics.json, report.md and pictures."""
     from sdsup.stages import layout as layout_stage
@@ -165,6 +172,7 @@ def evaluate(ctx, models: dict) -> dict:
     index = CaptionIndex(train_captions)
     majority = majority_map(train_labels, n, ignore)
     seeds = int(cfg.eval_seeds)
+    batch_size = eval_batch_size(ctx)
     scenes_like = spec.name == "scenes"
     metrics: Dict[str, float] = {}
     per_class = {}
@@ -176,7 +184,7 @@ def evaluate(ctx, models: dict) -> dict:
         conf = {m: np.zeros((n, n), np.int64) for m in methods}
         rel_hits = {m: 0 for m in methods}
         rel_total = 0
-        for bi, batch in enumerate(pipeline.eval_batches(source, tokenizer=tok, global_batch_size=32,
+        for bi, batch in enumerate(pipeline.eval_batches(source, tokenizer=tok, global_batch_size=batch_size,
                                                          limit=int(cfg.eval_examples))):
             labels, keep = batch["label"], batch["mask"]
             preds = {
@@ -239,7 +247,7 @@ def _write(ctx, metrics: dict, per_class: dict, spec, examples, models) -> None:
     viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id),
                  os.path.join(out, "report_test.png"))
     tok = common.tokenizer(ctx)
-    tokens = np.stack([tok.encode(p) for p in NOVEL_PROMPTS])
+    tokens = np.stack([tok.encode(p) for p in NOVEL_PROMPTS])  # as many as grid rows: one compiled sampler
     best = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(0), mode="map")
     sampled = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(7), mode="sample")
     viz.save_png(viz.captioned_grid([{"caption": p, "panels": [m, s]} for p, m, s in zip(NOVEL_PROMPTS, best, sampled)],

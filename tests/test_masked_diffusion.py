@@ -42,6 +42,20 @@ def test_masked_cross_entropy_scores_only_masked_pixels():
     assert float(masked.masked_cross_entropy(wrong, labels, jnp.zeros_like(mask))) == 0.0
 
 
+def test_pixel_weights_make_a_weighted_mean_over_masked_pixels():
+    labels = jnp.zeros((1, 2, 2), jnp.int32)
+    logits = jnp.zeros((1, 2, 2, N)).at[0, 0, 0, 0].set(10.0)  # right (confident) at one pixel only
+    mask = jnp.ones(labels.shape, bool)
+    plain = float(masked.masked_cross_entropy(logits, labels, mask))
+    np.testing.assert_allclose(float(masked.masked_cross_entropy(logits, labels, mask, jnp.ones(labels.shape))),
+                               plain, rtol=1e-6)
+    # All weight on the confident pixel: its (near-zero) loss alone.
+    only_right = jnp.zeros(labels.shape).at[0, 0, 0].set(3.0)
+    assert float(masked.masked_cross_entropy(logits, labels, mask, only_right)) < 1e-3
+    assert float(masked.masked_cross_entropy(logits, labels, mask, 1.0 - only_right / 3.0)) == pytest.approx(
+        np.log(N), rel=1e-5)
+
+
 def _oracle_logits(target):
     """A 'network' that knows the answer for every pixel, whatever it is shown."""
     def fn(ids, ratio):
@@ -121,3 +135,13 @@ def test_downsample_is_a_block_majority_and_upsample_repeats():
     assert up.shape == (1, 4, 4) and up[0, 3, 1] == 3 and up[0, 0, 3] == IGNORE
     with pytest.raises(ValueError, match="does not divide"):
         masked.downsample_labels(jnp.zeros((1, 5, 4), jnp.int32), 2, N, IGNORE)
+
+
+def test_a_share_of_examples_is_masked_entirely():
+    labels = _labels(b=400, h=4, w=4)
+    _, target, ratio = masked.corrupt(jax.random.PRNGKey(3), labels, N, IGNORE, full_mask_fraction=0.5)
+    full = np.asarray(ratio) == 1.0
+    assert 0.4 < full.mean() < 0.6  # the cosine schedule alone gives r == 1 with probability ~0
+    assert np.asarray(target)[full].all()  # every pixel of those is a target
+    _, _, plain = masked.corrupt(jax.random.PRNGKey(3), labels, N, IGNORE)
+    assert (np.asarray(plain) < 1.0).mean() > 0.99

@@ -66,7 +66,7 @@ def test_every_stage_finished_with_its_outputs(workdir):
     for v in VARIANTS:
         for m in ("image_miou", "layout_miou"):
             assert 0.0 <= metrics[f"images/{v}/{m}"] <= 1.0, (v, m)
-        assert metrics[f"images/{v}/fid_segfeat"] >= 0 and metrics[f"images/{v}/examples"] == 16
+        assert metrics[f"images/{v}/fid_segfeat"] >= 0 and metrics[f"images/{v}/examples"] == 8
         assert (workdir / "evaluation" / f"samples_{v}.png").stat().st_size > 1000
     assert metrics["images/control/image_miou"] == metrics["images/control/layout_miou"]  # same (true) layout
     assert 0.0 <= metrics["images/real/miou"] <= 1.0 and metrics["images/clip_skipped"] == 1.0
@@ -114,6 +114,16 @@ def test_layout_only_and_the_most_probable_map(workdir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["layout_0.npy", "layout_0.png", "layout_1.npy", "layout_1.png"]
     # The most probable map does not depend on the seed: both samples are the same map.
     assert np.array_equal(np.load(out / "layout_0.npy"), np.load(out / "layout_1.npy"))
+
+
+def test_unknown_words_and_over_long_prompts_warn_and_still_give_maps(workdir, tmp_path):
+    out = tmp_path / "odd"
+    prompt = "a purple zebra beside the skyscraper. " + "sky over grass. " * 30
+    result = _run("sdsup.sample", f"--workdir={workdir}", f"--prompt={prompt}", f"--out={out}", "--layout_only",
+                  "--layout_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "zebra" in result.stderr and "truncated" in result.stderr  # one warning each, no crash
+    assert np.load(out / "layout_0.npy").shape == (32, 32)
 
 
 def test_palette_png_layout_round_trips(workdir, tmp_path):
@@ -164,11 +174,11 @@ def test_sample_errors_are_one_clear_line(workdir, tmp_path, case, message):
 def test_evaluate_cli_on_a_copy(workdir, tmp_path):
     copy = tmp_path / "wd"
     shutil.copytree(workdir, copy, symlinks=True)
-    result = _run("sdsup.evaluate", f"--workdir={copy}", "--variants=control", "--examples=8", "--split=validation")
+    result = _run("sdsup.evaluate", f"--workdir={copy}", "--variants=control", "--examples=4", "--split=validation")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "images/control/image_miou:" in result.stdout and result.stdout.strip().endswith("report.md")
     metrics = json.loads((copy / "metrics.json").read_text())
-    assert metrics["images/control/examples"] == 8
+    assert metrics["images/control/examples"] == 4
     assert "layout/miou_map" in metrics  # earlier evaluations stay
     assert "Split: validation" in (copy / "report.md").read_text()
 
@@ -205,5 +215,5 @@ def test_ablation_on_top_of_the_run(workdir, tmp_path):
     for v in ablation["variants"]:
         assert f"| {v} |" in report
     assert "## Discussion" in report and "One seed only" in report
-    for picture in ("ablation/samples.png", "ablation/per_class_iou.png"):
+    for picture in ("pictures/samples.png", "pictures/per_class_iou.png"):
         assert (out / picture).stat().st_size > 1000, picture

@@ -176,7 +176,7 @@ def real_inception_stats(ctx: stages.Context, inception, split: str, num_example
 
 
 def evaluate_variant(ctx: stages.Context, variant: str, generator: Generator, segmenter: EvalSegmenter, *,
-                     split: str = "test", num_examples: int = 128, seed: int = 0, batch_size: int = 32,
+                     split: str = "test", num_examples: int = 128, seed: int = 0, batch_size: int = common.EVAL_BATCH,
                      clip_scorer=None, inception=None, keep_rows: int = 6) -> dict:
     """Metrics of one variant on a split; also `rows` (caption, layout, image) for sample grids.
 
@@ -194,6 +194,7 @@ def evaluate_variant(ctx: stages.Context, variant: str, generator: Generator, se
     spec, builder = common.dataset(ctx)
     n = spec.num_classes
     source = registry.data_source(spec, builder, split)
+    batch_size = min(batch_size, num_examples)  # no padded examples generated for nothing
     conf_cond = np.zeros((n, n), np.int64)
     conf_gt = np.zeros((n, n), np.int64)
     fake_stats, fake_inception = fid_lib.FeatureStats(), fid_lib.FeatureStats()
@@ -254,6 +255,7 @@ def evaluate_variant(ctx: stages.Context, variant: str, generator: Generator, se
 def real_image_miou(ctx: stages.Context, segmenter: EvalSegmenter, split: str, num_examples: int,
                     batch_size: int = 32) -> float:
     """The evaluation segmenter's mIoU on the split's REAL images: the ceiling of image mIoU."""
+    batch_size = min(batch_size, num_examples)  # the variants' batch: one compiled segmenter
     spec, builder = common.dataset(ctx)
     conf = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     for batch in pipeline.eval_batches(registry.data_source(spec, builder, split), tokenizer=common.tokenizer(ctx),

@@ -74,8 +74,7 @@ def evaluate_workdir(ctx: stages.Context, split: Optional[str] = None, num_examp
     scorer = clip_scorer(clip_dir)
     inception = inception_extractor(inception_dir or cfg.get("inception_dir"))
     metrics = {"images/real/miou": images.real_image_miou(ctx, segmenter, split, num_examples)}
-    if scorer is None:
-        metrics["images/clip_skipped"] = 1.0
+    metrics["images/clip_skipped"] = float(scorer is None)
     out = ctx.stage_dir("evaluation")
     for v in variants:
         with common.timed(f"evaluation: {v}"):

@@ -197,7 +197,7 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "ablation.json"), "w") as f:
             json.dump(out, f, indent=2, sort_keys=True)
-        pictures = os.path.join(workdir, "ablation")
+        pictures = os.path.join(workdir, "pictures")
         viz.save_png(comparison_grid(first_rows, spec), os.path.join(pictures, "samples.png"))
         series = {v: [float(np.mean([r["per_class_iou"][c] if r["per_class_iou"][c] is not None else np.nan
                                      for r in results[v]])) for c in spec.class_names] for v in VARIANTS}
@@ -277,7 +277,7 @@ def write_report(workdir: str, out: dict) -> None:
     lines += ["", "## Discussion", ""] + [f"- {x}" for x in discussion(out)] + [""]
     lines += ["## Samples (seed 0)", "",
               "caption | ground-truth layout | text_only | control | aldm | generated layout | text_layout_image", "",
-              "![samples](ablation/samples.png)", "", "![per-class IoU](ablation/per_class_iou.png)", ""]
+              "![samples](pictures/samples.png)", "", "![per-class IoU](pictures/per_class_iou.png)", ""]
     prov = report.read_provenance(workdir)
     if prov:
         lines += ["## Command", "", "```", prov.get("command", ""), "```", ""]

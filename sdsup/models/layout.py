@@ -1,7 +1,8 @@
 """Text -> layout network: a cross-attention UNet over partly masked label maps.
 
 The input map [B, h, w] holds class ids in [0, N) and the MASK id N; each id
-is embedded (a learned [N + 1, embed_dim] table), the UNet of
+is embedded (a learned [N + 1, embed_dim] table) plus, optionally, a learned
+per-position vector (`position_embedding`), and the UNet of
 `sdsup.models.unet` (the same blocks as the latent UNet, cross-attending to
 the text encoder's states) reads the embedded map with the mask ratio as its
 "timestep" (ratio * 1000, sinusoidal embedding), and returns logits
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdsup.models.partitioning import EMBEDDING, with_axes
+from sdsup.models.partitioning import EMBEDDING, POSITION_EMBEDDING, with_axes
 from sdsup.models.unet import UNet2DConditionModel, UNetConfig
 
 # The mask ratio in [0, 1] enters the UNet as a timestep in [0, 1000], the
@@ -33,6 +34,10 @@ class LayoutConfig:
     resolution: int
     embed_dim: int
     unet: UNetConfig
+    # A learned [h * w, embed_dim] vector added to every position's embedding. The fully masked
+    # map is the same at every pixel, so without it the UNet sees where a pixel lies only through
+    # the convolutions' zero padding, and "left of" / "at the top" are slow to learn.
+    position_embedding: bool = False
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -51,11 +56,12 @@ class LayoutConfig:
 
     @classmethod
     def build(cls, num_classes: int, resolution: int, embed_dim: int, cross_attention_dim: int,
-              **unet_fields: Any) -> "LayoutConfig":
+              position_embedding: bool = False, **unet_fields: Any) -> "LayoutConfig":
         """A config whose UNet fits the map (in/out channels, sample size, text width)."""
         unet = UNetConfig(**dict(unet_fields, in_channels=embed_dim, out_channels=num_classes,
                                  sample_size=resolution, cross_attention_dim=cross_attention_dim))
-        return cls(num_classes=num_classes, resolution=resolution, embed_dim=embed_dim, unet=unet)
+        return cls(num_classes=num_classes, resolution=resolution, embed_dim=embed_dim, unet=unet,
+                   position_embedding=position_embedding)
 
 
 class LayoutModel(nn.Module):
@@ -72,6 +78,11 @@ class LayoutModel(nn.Module):
         table = self.param("class_embedding", with_axes(nn.initializers.normal(1.0), EMBEDDING),
                            (cfg.num_classes + 1, cfg.embed_dim), dtype)
         x = jnp.take(table, ids, axis=0)
+        if cfg.position_embedding:
+            r = cfg.resolution
+            pos = self.param("position_embedding", with_axes(nn.initializers.normal(1.0), POSITION_EMBEDDING),
+                             (r * r, cfg.embed_dim), dtype)
+            x = x + pos.reshape(r, r, cfg.embed_dim)
         t = jnp.broadcast_to(jnp.asarray(ratio, jnp.float32), (ids.shape[0],)) * RATIO_TO_TIMESTEP
         logits = UNet2DConditionModel(cfg.unet, name="unet")(x, t, context)
         return logits.astype(jnp.float32)

@@ -132,6 +132,13 @@ def accumulate_gradients(loss_and_grad: Callable, params: Any, batch: dict, rng:
     return out
 
 
+# Rows of every sample grid. Evaluation batches of the same size reuse the grids' compiled samplers
+# (configs/scenes.py:smoke evaluates 8 examples per split for exactly that reason).
+GRID_ROWS = 8
+# Batch of the evaluations (layout_eval, evaluation.images): larger batches use the cores better.
+EVAL_BATCH = 32
+
+
 def images_to_float(images: jax.Array) -> jax.Array:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.astype(jnp.float32) / 127.5 - 1.0
@@ -149,6 +156,10 @@ def abstract_batch(ctx: stages.Context, batch_size: int) -> dict:
 # XLA options that trade step speed for compile speed (about 2x faster
 # compiles on CPU): right for smoke runs and tests, where compiling dominates.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+# The sharded initialisation of a train state runs once: compile it for compile speed, always.
+INIT_COMPILER_OPTIONS = FAST_COMPILE
 
 
 def compiler_options(ctx: stages.Context) -> dict:

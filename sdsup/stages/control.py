@@ -129,8 +129,29 @@ def ramp(step, start: int, end: int):
 
 
 def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, schedule, spec, hint_fn,
-              empty_tokens, pad_id, shardings):
+              empty_tokens, pad_id, shardings, mesh=None):
     num_classes, ignore = spec.num_classes, spec.ignore_id
+
+    def on_batch_axes(tree):
+        """Keeps activations split over the batch axes inside micro-batches and the unrolled sampler.
+
+        With FSDP-sharded weights and nothing said about activations, the SPMD
+        partitioner may replicate a micro-batch's 512x512 decoder and
+        segmenter activations on every fsdp device instead of gathering
+        weights (measured in bench/bench_scale.py). Arrays whose batch does
+        not divide over the axes are left to the partitioner.
+        """
+        if mesh is None:
+            return tree
+        from sdsup import parallel
+
+        divisor = parallel.batch_divisor(mesh)
+
+        def one(x):
+            if x.ndim == 0 or x.shape[0] % divisor:
+                return x
+            return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim))
+        return jax.tree.map(one, tree)
     fake = num_classes
     grid = samplers.ddim_grid(schedule.num_train_timesteps, cfg.grid_steps)[::-1]  # ascending
     unroll = int(cfg.unroll_steps)
@@ -189,7 +210,7 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
 
         out0 = predict(gen_params, frozen, z_t, t_k, context, hint)
         noise_loss = jnp.mean(jnp.square(out0 - schedule_lib.training_target(schedule, z0, noise, t_k)))
-        img0 = decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z_t, out0, t_k))
+        img0 = on_batch_axes(decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z_t, out0, t_k)))
         l0 = pixel_loss(img0)
 
         def body(carry, i):
@@ -197,7 +218,8 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
             t_prev = grid[k - i - 1]  # k >= K > i, so never below the grid
             z = samplers.ddim_step(schedule, z, out, t, t_prev)
             out = predict(jax.lax.stop_gradient(gen_params), frozen, z, t_prev, context, hint)
-            li = pixel_loss(decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z, out, t_prev)))
+            li = pixel_loss(on_batch_axes(decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z, out,
+                                                                                              t_prev))))
             return (z, out, t_prev), li
 
         if unroll:
@@ -242,10 +264,12 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
 
         def lazy_micro(batch_stats, mb, rng):
             """Generator gradients, segmenter gradients and metrics of one micro-batch."""
+            mb = on_batch_axes(mb)
             seg_vars = {"params": seg_state["params"], "batch_stats": batch_stats}
             (_, (x_fake, gen_metrics)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(
                 gen_params, seg_vars, frozen, mb, adv_weight, rng)
-            x_real = decode(frozen["vae"], mb["z_real"])
+            x_fake = on_batch_axes(x_fake)
+            x_real = on_batch_axes(decode(frozen["vae"], mb["z_real"]))
             (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
                 seg_state["params"], batch_stats, x_real, x_fake, mb["labels"], mb["weights"])
             return stats, (dict(gen_metrics, **seg_metrics), gen_grads, seg_grads)
@@ -364,7 +388,7 @@ class Setup:
     def create_state(self, mesh, unet_params, seed: int):
         """(state, shardings) on `mesh`, the conditioner's encoder copied from the UNet."""
         state, shardings = sharding.create_sharded(self.init, mesh, jax.random.PRNGKey(seed),
-                                                   compiler_options=common.compiler_options(self.ctx))
+                                                   compiler_options=common.INIT_COMPILER_OPTIONS)
         gen = {"controlnet": controlnet_lib.controlnet_params_from_unet(
                    unet_params, jax.device_get(state["gen"]["params"]["controlnet"]), self.cn_config),
                "unet": {k: unet_params[k] for k in self.trainable_unet_names()}}
@@ -390,7 +414,7 @@ class Setup:
                          text_model=self.text_model, gen_tx=self.gen_tx, seg_tx=self.seg_tx, cfg=cfg or self.cfg,
                          schedule=self.schedule, spec=self.spec, hint_fn=self.hint_fn,
                          empty_tokens=jnp.asarray(self.tok.encode("")), pad_id=ldm_stage.mask_pad_id(self.tok),
-                         shardings=shardings)
+                         shardings=shardings, mesh=self.ctx.mesh)
 
 
 @stages.register(NAME)
@@ -485,7 +509,7 @@ def generate(ctx, tokens, labels, rng, guidance=None, models=None):
                               controlnet=controlnet, controlnet_params=cn_params, hint=hint)
 
 
-def sample_grid(ctx, models=None, num: int = 6) -> np.ndarray:
+def sample_grid(ctx, models=None, num: int = common.GRID_ROWS) -> np.ndarray:
     """Caption | colour-coded layout | generated | real, for validation examples."""
     spec, builder = common.dataset(ctx)
     batch = next(pipeline.eval_batches(registry.data_source(spec, builder, "validation"),

@@ -88,7 +88,7 @@ def run(ctx: stages.Context) -> dict:
                 "opt": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
 
     state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 30),
-                                               compiler_options=common.compiler_options(ctx))
+                                               compiler_options=common.INIT_COMPILER_OPTIONS)
     step = make_step(seg, tx, cfg, spec.ignore_id, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=31)

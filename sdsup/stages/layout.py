@@ -7,6 +7,10 @@ dataset's maps reduced to that resolution by a per-block majority vote.
 Caption dropout (the empty prompt) trains the unconditional branch that
 classifier-free guidance needs.
 
+With `layout.train_text_encoder` the stage fine-tunes its own copy of that
+encoder (the ldm stage's was trained for images, not for where things go)
+and leaves it in `WORKDIR/layout/text_encoder/`.
+
 Leaves `WORKDIR/layout/model/` (EMA weights), `samples.png` (caption | ground
 truth | most probable map | sampled map) and, via `sdsup.layout_eval`, the
 evaluation in DONE.json, `WORKDIR/metrics.json` and `WORKDIR/report.md`.
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup import stages, viz
+from sdsup import segmentation, stages, viz
 from sdsup.data import pipeline, registry
 from sdsup.diffusion import masked
 from sdsup.models import io as model_io
@@ -39,7 +43,8 @@ MODES = ("map", "sample")
 def model_config(ctx: stages.Context, num_classes: int, text_dim: int) -> LayoutConfig:
     c = ctx.config.layout
     unet = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in c.unet.items()}
-    return LayoutConfig.build(num_classes, int(c.resolution), int(c.embed_dim), text_dim, **unet)
+    return LayoutConfig.build(num_classes, int(c.resolution), int(c.embed_dim), text_dim,
+                              position_embedding=bool(c.get("position_embedding", False)), **unet)
 
 
 def downsample_factor(ctx: stages.Context) -> int:
@@ -58,15 +63,30 @@ def load(ctx: stages.Context):
 def make_step(model, text_model, tx, cfg, spec, empty_tokens, pad_id, factor: int, shardings):
     num_classes, ignore = spec.num_classes, spec.ignore_id
 
+    exponent = float(cfg.get("class_balance", 0.0))
+
+    def balance(labels):
+        """Per-pixel weights (OASIS class balancing of the batch) ** layout.class_balance; None when 0.
+
+        Sky and ground fill most pixels; without it the all-masked pass's argmax
+        never picks a thing whose place the caption gives only roughly.
+        """
+        if exponent == 0.0:
+            return None
+        return segmentation.class_balance_weights(labels, num_classes, ignore, num_classes) ** exponent
+
     def loss_fn(params, batch, rng, text_params):
         rng_drop, rng_mask = jax.random.split(rng)
         labels = masked.downsample_labels(batch["label"], factor, num_classes, ignore)
         drop = jax.random.uniform(rng_drop, (labels.shape[0], 1)) < cfg.caption_dropout
         tokens = jnp.where(drop, empty_tokens[None, :], batch["tokens"])
-        context = jax.lax.stop_gradient(ldm_stage.encode_text(text_model, text_params, tokens, pad_id))
-        ids, is_target, ratio = masked.corrupt(rng_mask, labels, num_classes, ignore)
-        logits = model.apply({"params": params}, ids, ratio, context)
-        loss = masked.masked_cross_entropy(logits, labels, is_target)
+        # The text encoder trains with the layout model (layout.train_text_encoder) or stays frozen.
+        text = params.get("text_encoder", text_params)
+        context = ldm_stage.encode_text(text_model, text, tokens, pad_id)
+        ids, is_target, ratio = masked.corrupt(rng_mask, labels, num_classes, ignore,
+                                               float(cfg.get("full_mask_fraction", 0.0)))
+        logits = model.apply({"params": params["layout"]}, ids, ratio, context)
+        loss = masked.masked_cross_entropy(logits, labels, is_target, balance(labels))
         hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         weight = is_target.astype(jnp.float32)
         acc = jnp.sum(hit * weight) / jnp.maximum(jnp.sum(weight), 1.0)
@@ -99,28 +119,40 @@ def run(ctx: stages.Context) -> dict:
     tx, _ = common.optimizer(cfg.optimizer, cfg.num_steps)
     length = ctx.config.text.max_length
 
+    train_text = bool(cfg.get("train_text_encoder", False))
+    text_init = lambda: text_model.init(jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))["params"]
+
     def init(rng):
-        params = model.init(rng, *layout_lib.dummy_inputs(config, length))["params"]
+        params = {"layout": model.init(rng, *layout_lib.dummy_inputs(config, length))["params"]}
+        if train_text:
+            params["text_encoder"] = text_init()  # replaced by the ldm stage's weights below
         return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
 
     state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 50),
-                                               compiler_options=common.compiler_options(ctx))
-    frozen_text = common.place(lambda: text_model.init(jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))
-                               ["params"], text_params, ctx.mesh)
+                                               compiler_options=common.INIT_COMPILER_OPTIONS)
+    frozen_text = common.place(text_init, text_params, ctx.mesh)
+    if train_text:  # start from the ldm stage's encoder (separate buffers: params and EMA are donated)
+        for key in ("params", "ema"):
+            state[key]["text_encoder"] = jax.tree.map(lambda x, sh: jax.device_put(np.array(x), sh), text_params,
+                                                      shardings[key]["text_encoder"])
     step = make_step(model, text_model, tx, cfg, spec, jnp.asarray(tok.encode("")), ldm_stage.mask_pad_id(tok),
                      factor, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, frozen_text)
-    models = {"layout": (config, None), "text_encoder": (text_config, text_params)}
+
+    def sampling_models(ema):
+        return {"layout": (config, ema["layout"]), "text_encoder": (text_config, ema.get("text_encoder", text_params))}
 
     def pictures(step, state):
-        return sample_grid(ctx, dict(models, layout=(config, sharding.host_copy(state["ema"]))))
+        return sample_grid(ctx, sampling_models(sharding.host_copy(state["ema"])))
 
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=51, pictures=pictures)
     ema = sharding.host_copy(state["ema"])
-    models["layout"] = (config, ema)
-    summary = {"steps": cfg.num_steps, "resolution": config.resolution}
+    models = sampling_models(ema)
+    summary = {"steps": cfg.num_steps, "resolution": config.resolution, "train_text_encoder": train_text}
     if jax.process_index() == 0:
-        model_io.save(os.path.join(out, "model"), "layout", config, ema)
+        model_io.save(os.path.join(out, "model"), "layout", config, ema["layout"])
+        if train_text:  # the layout model's own copy; the image models keep the ldm stage's
+            model_io.save(os.path.join(out, "text_encoder"), "text_encoder", text_config, ema["text_encoder"])
         with common.timed("layout: sample grid"):
             viz.save_png(sample_grid(ctx, models), os.path.join(out, "samples.png"))
     if cfg.get("evaluate", True):
@@ -132,7 +164,15 @@ def run(ctx: stages.Context) -> dict:
 
 
 def load_models(ctx: stages.Context) -> dict:
-    """{"layout": (config, params), "text_encoder": (config, params)} of the finished stages."""
+    """{"layout": (config, params), "text_encoder": (config, params)} of the finished stages.
+
+    The text encoder is the layout stage's own fine-tuned copy when it trained one
+    (layout.train_text_encoder), else the ldm stage's.
+    """
+    own = os.path.join(ctx.workdir, NAME, "text_encoder")
+    if os.path.exists(os.path.join(own, model_io.CONFIG_FILE)):
+        _, text_config, text_params, _ = model_io.load(own)
+        return {"layout": load(ctx), "text_encoder": (text_config, text_params)}
     return {"layout": load(ctx), "text_encoder": ldm_stage.load(ctx)["text_encoder"]}
 
 
@@ -188,14 +228,17 @@ def _sampler(ctx, config: LayoutConfig, text_config, mode: str, steps: int, temp
     return run
 
 
-def sample_grid(ctx: stages.Context, models: dict, num: int = 6) -> np.ndarray:
+def sample_grid(ctx: stages.Context, models: dict, num: int = common.GRID_ROWS) -> np.ndarray:
     """Validation captions: caption | ground truth | most probable map | sampled map."""
     spec, builder = common.dataset(ctx)
     tok = common.tokenizer(ctx)
+    from sdsup import layout_eval
+
+    # Generated at the evaluation's batch size (one compiled sampler for both), shown for `num` rows.
     batch = next(pipeline.eval_batches(registry.data_source(spec, builder, "validation"), tokenizer=tok,
-                                       global_batch_size=num))
+                                       global_batch_size=max(num, layout_eval.eval_batch_size(ctx))))
     best = generate(ctx, models, batch["tokens"], jax.random.PRNGKey(0), mode="map")
     sampled = generate(ctx, models, batch["tokens"], jax.random.PRNGKey(1), mode="sample")
     rows = [{"caption": c, "panels": [gt, m, s]}
-            for c, gt, m, s in zip(batch["caption"], batch["label"], best, sampled)]
+            for c, gt, m, s in list(zip(batch["caption"], batch["label"], best, sampled))[:num]]
     return viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id)

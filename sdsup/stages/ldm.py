@@ -149,7 +149,7 @@ def run(ctx: stages.Context) -> dict:
         return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
 
     state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed),
-                                               compiler_options=common.compiler_options(ctx))
+                                               compiler_options=common.INIT_COMPILER_OPTIONS)
     vae_params = common.place(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
                               vae_params, ctx.mesh)
     empty = jnp.asarray(tok.encode(""))
@@ -172,7 +172,7 @@ def run(ctx: stages.Context) -> dict:
     return {"steps": cfg.num_steps}
 
 
-def sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, num: int = 6) -> np.ndarray:
+def sample_grid(ctx, unet, text_model, vae, params, vae_params, schedule, num: int = common.GRID_ROWS) -> np.ndarray:
     """Validation captions -> images (DDIM + CFG), next to the real images."""
     spec, builder = common.dataset(ctx)
     tok = common.tokenizer(ctx)

@@ -85,7 +85,7 @@ def run(ctx: stages.Context) -> dict:
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed),
-                                               compiler_options=common.compiler_options(ctx))
+                                               compiler_options=common.INIT_COMPILER_OPTIONS)
     step = make_step(vae, tx, cfg, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=1)

@@ -35,6 +35,26 @@ def test_logits_over_classes_and_every_id_including_mask_is_embedded():
         model.apply({"params": params}, ids[:, :4], jnp.ones((2,)), context)
 
 
+def test_position_embedding_tells_pixels_of_a_fully_masked_map_apart(tmp_path):
+    config = LayoutConfig.build(num_classes=5, resolution=8, embed_dim=6, cross_attention_dim=12,
+                                position_embedding=True, **UNET)
+    model = LayoutModel(config)
+    ids, ratio, context = dummy_inputs(config, context_length=3)
+    params = model.init(jax.random.PRNGKey(0), ids, ratio, context)["params"]
+    assert params["position_embedding"].value.shape == (64, 6)
+    logits = model.apply({"params": params}, ids, ratio, context)
+    # The UNet's input itself differs between pixels: transposing the table transposes what the
+    # first convolution sees, so the output changes.
+    table = params["position_embedding"].value.reshape(8, 8, 6).transpose(1, 0, 2).reshape(64, 6)
+    swapped = dict(params, position_embedding=params["position_embedding"].replace_boxed(table))
+    assert float(jnp.max(jnp.abs(model.apply({"params": swapped}, ids, ratio, context) - logits))) > 1e-3
+    import flax.linen as nn
+    model_io.save(str(tmp_path / "m"), "layout", config, nn.meta.unbox(params))
+    assert model_io.load(str(tmp_path / "m"))[1] == config
+    # Model files written before the option existed still load (the option defaults to off).
+    assert not _config().position_embedding
+
+
 def test_config_checks_and_model_files_round_trip(tmp_path):
     with pytest.raises(ValueError, match="resolution 6 must divide"):
         LayoutConfig.build(num_classes=5, resolution=6, embed_dim=6, cross_attention_dim=12,
