@@ -37,7 +37,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch is only the PyTorch side of the interop tests and benchmarks.
     # pytest-xdist: the suite runs on 2 processes (`-n 2`); XLA compiles one program per core.
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch>=2.4"],
+    # 3.8 added --no-loadscope-reorder, which keeps the slowest files first (tests/conftest.py).
+    "test": ["pytest>=8.0", "pytest-xdist>=3.8", "torch>=2.4"],
     "tpu": ["jax[tpu]>=0.10"],
     "cuda": ["jax[cuda12]>=0.10"],
 }

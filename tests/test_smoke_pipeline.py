@@ -174,11 +174,12 @@ def test_sample_errors_are_one_clear_line(workdir, tmp_path, case, message):
 def test_evaluate_cli_on_a_copy(workdir, tmp_path):
     copy = tmp_path / "wd"
     shutil.copytree(workdir, copy, symlinks=True)
-    result = _run("sdsup.evaluate", f"--workdir={copy}", "--variants=control", "--examples=4", "--split=validation")
+    # 8 examples: the run's own evaluation batch, so the samplers come from the compilation cache.
+    result = _run("sdsup.evaluate", f"--workdir={copy}", "--variants=control", "--examples=8", "--split=validation")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "images/control/image_miou:" in result.stdout and result.stdout.strip().endswith("report.md")
     metrics = json.loads((copy / "metrics.json").read_text())
-    assert metrics["images/control/examples"] == 4
+    assert metrics["images/control/examples"] == 8
     assert "layout/miou_map" in metrics  # earlier evaluations stay
     assert "Split: validation" in (copy / "report.md").read_text()
 

@@ -136,10 +136,11 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         """Keeps activations split over the batch axes inside micro-batches and the unrolled sampler.
 
         With FSDP-sharded weights and nothing said about activations, the SPMD
-        partitioner may replicate a micro-batch's 512x512 decoder and
+        partitioner is free to replicate a micro-batch's 512x512 decoder and
         segmenter activations on every fsdp device instead of gathering
-        weights (measured in bench/bench_scale.py). Arrays whose batch does
-        not divide over the axes are left to the partitioner.
+        weights; this pins them to the batch axes (bench/bench_scale.py
+        measures the memory). Arrays whose batch does not divide over the
+        axes are left to the partitioner.
         """
         if mesh is None:
             return tree

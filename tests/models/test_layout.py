@@ -25,11 +25,12 @@ def test_logits_over_classes_and_every_id_including_mask_is_embedded():
     assert params["class_embedding"].value.shape == (6, 6)  # 5 classes + MASK
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 6, (2, 8, 8)), jnp.int32)
     context = jnp.ones((2, 3, 12))
-    logits = model.apply({"params": params}, ids, jnp.array([0.2, 1.0]), context)
+    apply = jax.jit(model.apply)  # one compile for the three calls (op by op, a UNet is slow)
+    logits = apply({"params": params}, ids, jnp.array([0.2, 1.0]), context)
     assert logits.shape == (2, 8, 8, 5) and logits.dtype == jnp.float32
     # The mask ratio and the text both reach the output.
-    other_ratio = model.apply({"params": params}, ids, jnp.array([0.9, 0.1]), context)
-    other_text = model.apply({"params": params}, ids, jnp.array([0.2, 1.0]), -context)
+    other_ratio = apply({"params": params}, ids, jnp.array([0.9, 0.1]), context)
+    other_text = apply({"params": params}, ids, jnp.array([0.2, 1.0]), -context)
     assert float(jnp.max(jnp.abs(other_ratio - logits))) > 0 and float(jnp.max(jnp.abs(other_text - logits))) > 0
     with pytest.raises(ValueError, match=r"expected ids \[B, 8, 8\]"):
         model.apply({"params": params}, ids[:, :4], jnp.ones((2,)), context)
@@ -42,12 +43,13 @@ def test_position_embedding_tells_pixels_of_a_fully_masked_map_apart(tmp_path):
     ids, ratio, context = dummy_inputs(config, context_length=3)
     params = model.init(jax.random.PRNGKey(0), ids, ratio, context)["params"]
     assert params["position_embedding"].value.shape == (64, 6)
-    logits = model.apply({"params": params}, ids, ratio, context)
+    apply = jax.jit(model.apply)
+    logits = apply({"params": params}, ids, ratio, context)
     # The UNet's input itself differs between pixels: transposing the table transposes what the
     # first convolution sees, so the output changes.
     table = params["position_embedding"].value.reshape(8, 8, 6).transpose(1, 0, 2).reshape(64, 6)
     swapped = dict(params, position_embedding=params["position_embedding"].replace_boxed(table))
-    assert float(jnp.max(jnp.abs(model.apply({"params": swapped}, ids, ratio, context) - logits))) > 1e-3
+    assert float(jnp.max(jnp.abs(apply({"params": swapped}, ids, ratio, context) - logits))) > 1e-3
     import flax.linen as nn
     model_io.save(str(tmp_path / "m"), "layout", config, nn.meta.unbox(params))
     assert model_io.load(str(tmp_path / "m"))[1] == config
