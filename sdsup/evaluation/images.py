@@ -253,7 +253,7 @@ def evaluate_variant(ctx: stages.Context, variant: str, generator: Generator, se
 
 
 def real_image_miou(ctx: stages.Context, segmenter: EvalSegmenter, split: str, num_examples: int,
-                    batch_size: int = 32) -> float:
+                    batch_size: int = common.EVAL_BATCH) -> float:
     """The evaluation segmenter's mIoU on the split's REAL images: the ceiling of image mIoU."""
     batch_size = min(batch_size, num_examples)  # the variants' batch: one compiled segmenter
     spec, builder = common.dataset(ctx)

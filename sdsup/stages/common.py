@@ -13,6 +13,7 @@ from absl import logging
 
 from sdsup import parallel, stages
 from sdsup.data import pipeline, registry, tokenizers
+from sdsup.trainer import sharding
 
 
 def dataset(ctx: stages.Context):
@@ -155,11 +156,8 @@ def abstract_batch(ctx: stages.Context, batch_size: int) -> dict:
 
 # XLA options that trade step speed for compile speed (about 2x faster
 # compiles on CPU): right for smoke runs and tests, where compiling dominates.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = sharding.FAST_COMPILE
 
-
-# The sharded initialisation of a train state runs once: compile it for compile speed, always.
-INIT_COMPILER_OPTIONS = FAST_COMPILE
 
 
 def compiler_options(ctx: stages.Context) -> dict:
@@ -202,7 +200,6 @@ def compile_step(step: Callable, state: Any, ctx: stages.Context, batch_size: in
 def place(init_fn: Callable, params: Any, mesh) -> Any:
     """Puts loaded (host) parameters on the mesh with the shardings their model's
     logical axis names give; `init_fn()` returns the model's boxed params."""
-    from sdsup.trainer import sharding
 
     shardings = sharding.logical_shardings(jax.eval_shape(init_fn), mesh)
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup import segmentation, stages, viz
+from sdsup import parallel, segmentation, stages, viz
 from sdsup.data import pipeline, registry
 from sdsup.diffusion import samplers
 from sdsup.diffusion import schedule as schedule_lib
@@ -144,8 +144,6 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         """
         if mesh is None:
             return tree
-        from sdsup import parallel
-
         divisor = parallel.batch_divisor(mesh)
 
         def one(x):
@@ -388,8 +386,7 @@ class Setup:
 
     def create_state(self, mesh, unet_params, seed: int):
         """(state, shardings) on `mesh`, the conditioner's encoder copied from the UNet."""
-        state, shardings = sharding.create_sharded(self.init, mesh, jax.random.PRNGKey(seed),
-                                                   compiler_options=common.INIT_COMPILER_OPTIONS)
+        state, shardings = sharding.create_sharded(self.init, mesh, jax.random.PRNGKey(seed))
         gen = {"controlnet": controlnet_lib.controlnet_params_from_unet(
                    unet_params, jax.device_get(state["gen"]["params"]["controlnet"]), self.cn_config),
                "unet": {k: unet_params[k] for k in self.trainable_unet_names()}}

@@ -87,8 +87,7 @@ def run(ctx: stages.Context) -> dict:
         return {"params": variables["params"], "batch_stats": variables["batch_stats"],
                 "opt": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 30),
-                                               compiler_options=common.INIT_COMPILER_OPTIONS)
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 30))
     step = make_step(seg, tx, cfg, spec.ignore_id, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=31)

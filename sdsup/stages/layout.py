@@ -128,8 +128,7 @@ def run(ctx: stages.Context) -> dict:
             params["text_encoder"] = text_init()  # replaced by the ldm stage's weights below
         return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 50),
-                                               compiler_options=common.INIT_COMPILER_OPTIONS)
+    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 50))
     frozen_text = common.place(text_init, text_params, ctx.mesh)
     if train_text:  # start from the ldm stage's encoder (separate buffers: params and EMA are donated)
         for key in ("params", "ema"):
@@ -230,10 +229,10 @@ def _sampler(ctx, config: LayoutConfig, text_config, mode: str, steps: int, temp
 
 def sample_grid(ctx: stages.Context, models: dict, num: int = common.GRID_ROWS) -> np.ndarray:
     """Validation captions: caption | ground truth | most probable map | sampled map."""
+    from sdsup import layout_eval  # here: layout_eval imports this module
+
     spec, builder = common.dataset(ctx)
     tok = common.tokenizer(ctx)
-    from sdsup import layout_eval
-
     # Generated at the evaluation's batch size (one compiled sampler for both), shown for `num` rows.
     batch = next(pipeline.eval_batches(registry.data_source(spec, builder, "validation"), tokenizer=tok,
                                        global_batch_size=max(num, layout_eval.eval_batch_size(ctx))))

@@ -69,12 +69,17 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES
                         is_leaf=lambda x: isinstance(x, P))
 
 
+# XLA options that trade step speed for compile speed (about 30% shorter compiles on CPU).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RULES,
-                   compiler_options: Optional[dict] = None):
+                   compiler_options: Optional[dict] = FAST_COMPILE):
     """(state, shardings): `init_fn(*args)` evaluated straight into its sharding.
 
     `init_fn` may return boxed parameters (and optimiser states made from
-    them); the result is unboxed.
+    them); the result is unboxed. The initialisation runs once, so by default
+    it is compiled for compile speed (`FAST_COMPILE`).
     """
     abstract = jax.eval_shape(init_fn, *args)
     shardings = logical_shardings(abstract, mesh, rules)
