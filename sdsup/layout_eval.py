@@ -247,7 +247,8 @@ def _write(ctx, metrics: dict, per_class: dict, spec, examples, models) -> None:
     viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id),
                  os.path.join(out, "report_test.png"))
     tok = common.tokenizer(ctx)
-    tokens = np.stack([tok.encode(p) for p in NOVEL_PROMPTS])  # 8 prompts: shares the sampler only when the eval batch is 8
+    # 8 prompts: they share the evaluation's compiled sampler only when its batch is 8 too (smoke).
+    tokens = np.stack([tok.encode(p) for p in NOVEL_PROMPTS])
     best = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(0), mode="map")
     sampled = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(7), mode="sample")
     viz.save_png(viz.captioned_grid([{"caption": p, "panels": [m, s]} for p, m, s in zip(NOVEL_PROMPTS, best, sampled)],
