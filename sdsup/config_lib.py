@@ -65,7 +65,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  "must be a positive integer or -1", size)
     _positive_int(config, "preview_examples")
-    for stage in ("vae", "ldm", "layout", "control", "evalseg"):
+    for stage in ("vae", "ldm", "layout", "discriminator", "control", "evalseg"):
         if stage in stage_names and stage in config:
             _validate_training_stage(config, stage)
     if "control" in stage_names and "control" in config:
@@ -97,6 +97,8 @@ def _validate_training_stage(config, stage: str) -> None:
         value = section.sample_every
         _require(isinstance(value, int) and value >= 0, f"{stage}.sample_every",
                  "must be a non-negative integer (0 = only at the end)", value)
+    if "class_balance" in section:
+        _number_in(config, f"{stage}.class_balance", 0.0, 1.0)
     for key in ("caption_dropout",):
         if key in section:
             _number_in(config, f"{stage}.{key}", 0.0, 1.0)
@@ -121,6 +123,14 @@ def _validate_control(config) -> None:
         _number_in(config, f"control.{key}", 0.0, float("inf"))
     _require(isinstance(c.ramp_start, int) and 0 <= c.ramp_start <= c.ramp_end, "control.ramp_start",
              f"must be a non-negative integer at most control.ramp_end={c.ramp_end}", c.ramp_start)
+    init = c.get("discriminator_init", "scratch")
+    _require(isinstance(init, str) and init != "", "control.discriminator_init",
+             "must be 'scratch', 'stage' or a segmenter directory", init)
+    if init == "stage":
+        names = tuple(config.stages)
+        _require("discriminator" in names and names.index("discriminator") < names.index("control"),
+                 "control.discriminator_init", "is 'stage', so config.stages must run 'discriminator' before "
+                 "'control'", init)
 
 
 def _validate_unet_trainable(config) -> None:
@@ -138,8 +148,6 @@ def _validate_layout(config) -> None:
     _number_in(config, "layout.sampling.temperature", 0.0, float("inf"))
     if "full_mask_fraction" in c:
         _number_in(config, "layout.full_mask_fraction", 0.0, 1.0)
-    if "class_balance" in c:
-        _number_in(config, "layout.class_balance", 0.0, 1.0)
     _number_in(config, "layout.sampling.guidance", 0.0, float("inf"))
 
 

@@ -35,6 +35,22 @@ def class_balance_weights(labels: jax.Array, num_classes: int, ignore_id: int, n
     return jnp.where(valid, per_class[safe], 0.0)
 
 
+def balanced_mean(loss_px: jax.Array, labels: jax.Array, num_classes: int, ignore_id: int,
+                  power: float) -> jax.Array:
+    """Mean of a per-pixel loss with each pixel weighted by its class's OASIS weight ** power.
+
+    The weights are normalised to mean 1 over valid pixels, so the value
+    keeps the plain mean's scale; power 0 is the plain mean over valid
+    pixels, power 1 gives every class present in the batch the same total
+    weight.
+    """
+    valid = labels != ignore_id
+    if not power:
+        return masked_mean(loss_px, valid)
+    weights = class_balance_weights(labels, num_classes, ignore_id, num_classes) ** power
+    return masked_mean(loss_px * weights, valid) / jnp.maximum(masked_mean(weights, valid), 1e-12)
+
+
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 

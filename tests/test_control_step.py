@@ -6,6 +6,7 @@ updated leaf of the state (conditioner, its AdamW and EMA, segmenter and its
 BatchNorm statistics) must agree within 1e-5.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -171,3 +172,49 @@ def test_class_table_standardisation_separates_near_parallel_vectors():
     assert control.normalize_table(table, "none") is table
     with pytest.raises(ValueError, match="class_table_norm"):
         control.normalize_table(table, "whiten")
+
+
+def test_control_starts_from_a_pretrained_discriminator(tmp_path):
+    """control.discriminator_init: a segmenter dir's weights become the state's; another architecture is refused."""
+    import flax.linen as nn
+
+    from sdsup import stages
+    from sdsup.errors import ConfigError
+    from sdsup.models import io as model_io
+    from sdsup.models.io import ModelFileError
+    from sdsup.models.segmenter import UperNetSegmenter
+    from sdsup.stages import control
+    from sdsup.trainer import sharding
+
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    config = control_case.config()
+    ctx = stages.Context(config=config, workdir=str(tmp_path), mesh=mesh)
+    setup, params = control.random_setup(ctx)
+    seg = UperNetSegmenter(setup.seg_config)
+    pretrained = jax.device_get(nn.meta.unbox(
+        seg.init(jax.random.PRNGKey(123), np.zeros((2, setup.size, setup.size, 3)), train=False)))
+    pretrained["batch_stats"] = jax.tree.map(lambda x: x + 0.5, pretrained["batch_stats"])
+    model_io.save(str(tmp_path / "seg"), "segmenter", setup.seg_config, pretrained)
+
+    config.control.discriminator_init = "scratch"
+    assert control.initial_discriminator(ctx) is None
+    config.control.discriminator_init = str(tmp_path / "seg")
+    loaded = control.initial_discriminator(ctx)
+    state, _ = setup.create_state(mesh, params["unet"], 0, loaded)
+    got = sharding.host_copy({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
+    for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(pretrained), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(want), np.asarray(have), err_msg=jax.tree_util.keystr(path))
+
+    # N outputs instead of N + 1 (e.g. the evaluation segmenter): refused by name.
+    other = UperNetSegmenter(dataclasses.replace(setup.seg_config, num_classes=setup.seg_config.num_classes - 1))
+    model_io.save(str(tmp_path / "evalseg"), "segmenter", other.config,
+                  jax.device_get(nn.meta.unbox(other.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)), train=False))))
+    config.control.discriminator_init = str(tmp_path / "evalseg")
+    with pytest.raises(ConfigError, match="discriminator params do not match"):
+        setup.create_state(mesh, params["unet"], 0, control.initial_discriminator(ctx))
+    config.control.discriminator_init = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="discriminator_init"):
+        control.initial_discriminator(ctx)
+    config.control.discriminator_init = "stage"  # the workdir has no finished discriminator stage
+    with pytest.raises(ModelFileError, match="needs the finished `discriminator` stage"):
+        control.initial_discriminator(ctx)

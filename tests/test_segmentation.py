@@ -19,6 +19,19 @@ def test_class_balance_weights_follow_the_oasis_rule():
     assert np.isclose(w[labels == 0].sum(), w[labels == 1].sum())
 
 
+def test_balanced_mean_gives_each_class_equal_weight_at_power_one():
+    labels = jnp.asarray([[[0, 0, 0, 1], [0, 0, 255, 1]]])  # 5 x class 0, 2 x class 1, 1 ignore
+    loss = jnp.asarray([[[1.0, 1.0, 1.0, 4.0], [1.0, 1.0, 100.0, 4.0]]])
+    plain = segmentation.balanced_mean(loss, labels, 3, 255, 0.0)
+    assert np.isclose(plain, (5 * 1.0 + 2 * 4.0) / 7)  # the ignore pixel's 100 never counts
+    # Power 1: classes 0 and 1 weigh the same in total -> the mean of the two class means.
+    assert np.isclose(segmentation.balanced_mean(loss, labels, 3, 255, 1.0), (1.0 + 4.0) / 2)
+    half = float(segmentation.balanced_mean(loss, labels, 3, 255, 0.5))
+    assert float(plain) < half < 2.5
+    # Constant loss: the weights are normalised, so the value stays that constant.
+    assert np.isclose(segmentation.balanced_mean(jnp.full(loss.shape, 3.0), labels, 3, 255, 0.5), 3.0)
+
+
 def test_pixel_cross_entropy_ignores_and_matches_log_softmax():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)

@@ -2,7 +2,7 @@
 
 One training run (module fixture) serves every test here; it is the
 `configs/scenes.py:smoke` config end to end: data -> vae -> ldm -> layout
-(text -> label map, with its evaluation) -> control (with adversarial
+(text -> label map, with its evaluation) -> discriminator (pretraining) -> control (with adversarial
 supervision) -> evalseg -> evaluate. The ablation runs on top of it
 (`--from_workdir`), adding the plain-conditioner baseline.
 """
@@ -20,7 +20,7 @@ from PIL import Image
 from sdsup.data import scenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("data", "vae", "ldm", "layout", "control", "evalseg", "evaluate")
+STAGES = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
 VARIANTS = ("text_only", "control", "text_layout_image")
 LAYOUT_KEYS = ("layout/miou_map", "layout/miou_sample_mean", "layout/miou_majority", "layout/miou_retrieval",
                "layout/miou_oracle", "layout/relation_accuracy")
@@ -48,7 +48,8 @@ def test_every_stage_finished_with_its_outputs(workdir):
         assert (workdir / stage / "DONE.json").exists(), stage
     for picture in ("data/preview.png", "vae/reconstructions.png", "ldm/samples.png", "control/samples.png"):
         assert (workdir / picture).stat().st_size > 1000, picture
-    for model in ("vae/model", "ldm/unet", "ldm/text_encoder", "layout/model", "control/controlnet", "evalseg/model"):
+    for model in ("vae/model", "ldm/unet", "ldm/text_encoder", "layout/model", "discriminator/model",
+                  "control/controlnet", "evalseg/model"):
         assert (workdir / model / "params.safetensors").exists(), model
     metrics = json.loads((workdir / "metrics.json").read_text())
     for key in LAYOUT_KEYS + tuple(k + "/val" for k in LAYOUT_KEYS):
@@ -62,6 +63,7 @@ def test_every_stage_finished_with_its_outputs(workdir):
         assert (workdir / picture).stat().st_size > 1000, picture
     control = json.loads((workdir / "control" / "DONE.json").read_text())
     assert control["lambda_adv"] > 0 and control["compile_s"] > 0
+    assert control["discriminator_init"] == "stage"  # the adversary starts pretrained, as ALDM's
     # The evaluate stage: every variant's image metrics, the ceiling, pictures and the report section.
     for v in VARIANTS:
         for m in ("image_miou", "layout_miou"):

@@ -9,7 +9,7 @@ Variants, with the same budget (the config's control stage) and seeds:
   aldm               + adversarial supervision (the config's lambda_adv);
   text_layout_image  the full pipeline: layouts generated from the caption, into the aldm conditioner.
 
-Shared stages (data, vae, ldm, layout, evalseg) train once, in DIR/shared
+Shared stages (data, vae, ldm, layout, discriminator, evalseg) train once, in DIR/shared
 (or are taken from --from_workdir when its config agrees); each (variant,
 seed) conditioner trains in DIR/runs/<variant>_s<seed>/, whose other stages
 link to the shared ones. Seed s sets `config.seed + s` (the conditioner's
@@ -49,9 +49,9 @@ _EXAMPLES = flags.DEFINE_integer("examples", None, "Examples per variant (defaul
 flags.mark_flags_as_required(["workdir"])
 
 VARIANTS = ("text_only", "control", "aldm", "text_layout_image")
-SHARED_STAGES = ("data", "vae", "ldm", "layout", "evalseg")
+SHARED_STAGES = ("data", "vae", "ldm", "layout", "discriminator", "evalseg")
 # Config sections that decide the shared stages: a reused workdir must agree on all of them.
-SHARED_SECTIONS = ("data", "text", "vae", "diffusion", "ldm", "layout", "evalseg", "input")
+SHARED_SECTIONS = ("data", "text", "vae", "diffusion", "ldm", "layout", "discriminator", "evalseg", "input")
 METRICS = ("fid", "image_miou", "layout_miou")
 TARGET_MIOU_GAIN, TARGET_FID_RATIO = 0.05, 1.1
 

@@ -75,7 +75,9 @@ def save(directory: str, kind: str, config: Any, params: Any, extra: Dict[str, A
     """Writes a model directory; `params` is the (unboxed) parameter tree."""
     os.makedirs(directory, exist_ok=True)
     flat = traverse_util.flatten_dict(params, sep="/")
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
+    # np.array, not np.ascontiguousarray: the latter turns 0-d leaves (BatchNorm's
+    # num_batches_tracked) into shape (1,), which no longer fits the model's variables.
+    arrays = {k: np.array(v, order="C") for k, v in flat.items()}
     tmp = os.path.join(directory, PARAMS_FILE + ".tmp")
     save_file(arrays, tmp)
     os.replace(tmp, os.path.join(directory, PARAMS_FILE))

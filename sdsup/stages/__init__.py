@@ -50,7 +50,7 @@ def names() -> list:
 
 
 def _load() -> None:
-    from sdsup.stages import control, data, evalseg, layout, ldm, vae  # noqa: F401  (each module registers its stage)
+    from sdsup.stages import control, data, discriminator, evalseg, layout, ldm, vae  # noqa: F401  (each module registers its stage)
     from sdsup.evaluation import suite  # noqa: F401  (stage "evaluate")
 
 

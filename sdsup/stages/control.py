@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdsup import parallel, segmentation, stages, viz
+from sdsup.errors import ConfigError
 from sdsup.data import pipeline, registry
 from sdsup.diffusion import samplers
 from sdsup.diffusion import schedule as schedule_lib
@@ -384,9 +385,17 @@ class Setup:
         """Boxed-parameter initialisers of the frozen models (for their shardings)."""
         return frozen_model_inits(self.ctx, self.unet_config, self.vae.config, self.text_config)
 
-    def create_state(self, mesh, unet_params, seed: int):
-        """(state, shardings) on `mesh`, the conditioner's encoder copied from the UNet."""
+    def create_state(self, mesh, unet_params, seed: int, discriminator=None):
+        """(state, shardings) on `mesh`, the conditioner's encoder copied from the UNet.
+
+        `discriminator`: pretrained segmenter variables {params, batch_stats}
+        to start from (None: the random initialisation).
+        """
         state, shardings = sharding.create_sharded(self.init, mesh, jax.random.PRNGKey(seed))
+        if discriminator is not None:
+            for key in ("params", "batch_stats"):
+                _check_same_shapes(state["seg"][key], discriminator[key], f"discriminator {key}")
+                state["seg"][key] = jax.device_put(jax.tree.map(np.array, discriminator[key]), shardings["seg"][key])
         gen = {"controlnet": controlnet_lib.controlnet_params_from_unet(
                    unet_params, jax.device_get(state["gen"]["params"]["controlnet"]), self.cn_config),
                "unet": {k: unet_params[k] for k in self.trainable_unet_names()}}
@@ -415,6 +424,34 @@ class Setup:
                          shardings=shardings, mesh=self.ctx.mesh)
 
 
+def _check_same_shapes(expected, given, what: str) -> None:
+    want = jax.tree.map(lambda x: tuple(x.shape), expected)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), given)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ConfigError(f"{what} do not match config.control.discriminator with N+1 classes "
+                         f"(a segmenter of another architecture or class count)")
+
+
+def initial_discriminator(ctx: stages.Context):
+    """The segmenter variables the control stage starts from (control.discriminator_init), or None.
+
+    "scratch": random; "stage": the `discriminator` stage's pretrained
+    network (ALDM starts from a trained segmenter); anything else: a
+    directory holding an sdsup segmenter (e.g. an imported UperNet) with
+    config.control.discriminator's architecture and N+1 outputs.
+    """
+    how = ctx.config.control.get("discriminator_init", "scratch")
+    if how == "scratch":
+        return None
+    if how == "stage":
+        from sdsup.stages import discriminator as discriminator_stage
+        return discriminator_stage.load(ctx)[1]
+    if not os.path.exists(os.path.join(how, model_io.CONFIG_FILE)):
+        raise ConfigError(f"control.discriminator_init={how!r}: not 'scratch', 'stage' or a segmenter "
+                                f"directory (no {model_io.CONFIG_FILE} there)")
+    return model_io.load(how)[2]
+
+
 @stages.register(NAME)
 def run(ctx: stages.Context) -> dict:
     cfg = ctx.config.control
@@ -428,7 +465,7 @@ def run(ctx: stages.Context) -> dict:
     with common.timed("control: class embedding table"):
         table = class_table(ctx, CLIPTextTransformer(text_config), text_params)
     setup = Setup(ctx, spec, tok, unet_config, vae_config, text_config, table)
-    state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40)
+    state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40, initial_discriminator(ctx))
     frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
     compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
     host_models = {"unet": models["unet"], "text_encoder": models["text_encoder"], "vae": (vae_config, vae_params),
@@ -457,6 +494,7 @@ def run(ctx: stages.Context) -> dict:
         with common.timed("control: sample grid"):
             viz.save_png(sample_grid(ctx, final), os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding,
+            "discriminator_init": cfg.get("discriminator_init", "scratch"),
             "unet_trainable": list(setup.trainable_unet_names())}
 
 
