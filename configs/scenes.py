@@ -22,15 +22,17 @@ Stages run in order (`config.stages`); finished ones are skipped on re-runs:
 Expected runtime on 2 CPU cores (cold XLA compilation cache; bench/run.py
 --only=smoke_run,default_run measures both):
   smoke:   about 6 minutes (compiling ~15 small programs dominates); target 3.
-  default: 31.7 minutes measured (vae 4.1, ldm 8.4, layout 7.2, control 7.8,
-           evalseg 2.2, evaluate 1.8; 5.3 of them compiling train steps);
-           budget 30. Peak RSS 3.2 GiB.
+  default: about 38 minutes, estimated from stage times measured one by one (vae 4.1,
+           ldm 8.4, layout 7.2, discriminator 1.5, control ~12.5, evalseg 2.3, evaluate
+           1.8); budget 30, not met. The last end-to-end run (31.7 min) predates the
+           discriminator stage and the adversarial step every 2nd step.
 Expected result: every stage's DONE.json, WORKDIR/metrics.json and
 WORKDIR/report.md, and the pictures each stage leaves (README, "Stages").
 Default run, test split: layout mIoU 0.330 for the most probable map
 (retrieval 0.253, majority 0.105, oracle 0.749), sampled maps 0.300 with
 46% of the caption's relations satisfied; image mIoU by the evaluation
-segmenter 0.343 on ground-truth layouts (text only 0.299, real images 0.533).
+segmenter 0.377 on ground-truth layouts with ALDM (plain conditioner 0.346, text only
+0.299; real images 0.834 on validation).
 The smoke run's pictures are noise-like (tens of steps): it checks the plumbing.
 """
 
