@@ -10,12 +10,16 @@ so the term pushed the generator towards nothing in particular and image
 mIoU did not move (docs/ablation/report.md).
 
 This stage trains the discriminator's network (config.control.discriminator,
-N+1 outputs; the last, "fake", is never a target here) on what the control
-stage shows it as real: VAE reconstructions of the training images (the
-encoder's mode, decoded). Its own seed and its input (reconstructions, not
-the images) keep it distinct from the evaluation segmenter. The control stage
-starts its segmenter from `WORKDIR/discriminator/model/` when
-config.control.discriminator_init is "stage".
+N+1 outputs; the last, "fake", is never a target here) with class-balanced
+cross-entropy on `discriminator.input`: "image", the training images (as
+ALDM's is trained on ADE20K images; 300 steps give validation mIoU 0.787 on
+real images), or "reconstruction", their VAE reconstructions (the encoder's
+mode, decoded: what the control stage calls real; 3x slower here). Its own
+seed keeps it distinct from the evaluation segmenter, which has the same
+architecture. The control stage starts its segmenter from
+`WORKDIR/discriminator/model/` when config.control.discriminator_init is
+"stage". Measured with it (validation): ALDM raises image mIoU from 0.369 to
+0.392 at lambda_adv 20 with a lazy step every 2nd step.
 """
 
 from __future__ import annotations
