@@ -71,6 +71,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "control" in stage_names and "control" in config:
         _validate_control(config)
         _validate_unet_trainable(config)
+    if "discriminator" in stage_names and "discriminator" in config:
+        value = config.discriminator.get("input", "image")
+        _require(value in ("image", "reconstruction"), "discriminator.input", "must be 'image' or 'reconstruction'",
+                 value)
     if "layout" in stage_names and "layout" in config:
         _validate_layout(config)
     if "evaluate" in config:
