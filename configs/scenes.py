@@ -22,10 +22,10 @@ Stages run in order (`config.stages`); finished ones are skipped on re-runs:
 Expected runtime on 2 CPU cores (cold XLA compilation cache; bench/run.py
 --only=smoke_run,default_run measures both):
   smoke:   about 6 minutes (compiling ~15 small programs dominates); target 3.
-  default: about 38 minutes, estimated from stage times measured one by one (vae 4.1,
-           ldm 8.4, layout 7.2, discriminator 1.5, control ~12.5, evalseg 2.3, evaluate
-           1.8); budget 30, not met. The last end-to-end run (31.7 min) predates the
-           discriminator stage and the adversarial step every 2nd step.
+  default: 38.5 minutes measured (vae 4.2, ldm 8.5, layout 7.2, discriminator 1.7,
+           control 12.0, evalseg 2.6, evaluate 2.1; 5.9 of them compiling train steps);
+           budget 30, not met: the adversarial step every 2nd step costs ~4.5 minutes.
+           Peak RSS 3.2 GiB.
 Expected result: every stage's DONE.json, WORKDIR/metrics.json and
 WORKDIR/report.md, and the pictures each stage leaves (README, "Stages").
 Default run, test split: layout mIoU 0.330 for the most probable map
