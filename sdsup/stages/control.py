@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdsup import parallel, segmentation, stages, viz
-from sdsup.errors import ConfigError
 from sdsup.data import pipeline, registry
+from sdsup.errors import ConfigError
 from sdsup.diffusion import samplers
 from sdsup.diffusion import schedule as schedule_lib
 from sdsup.models import controlnet as controlnet_lib
@@ -429,7 +429,7 @@ def _check_same_shapes(expected, given, what: str) -> None:
     got = jax.tree.map(lambda x: tuple(np.shape(x)), given)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
         raise ConfigError(f"{what} do not match config.control.discriminator with N+1 classes "
-                         f"(a segmenter of another architecture or class count)")
+                          "(a segmenter of another architecture or class count)")
 
 
 def initial_discriminator(ctx: stages.Context):
@@ -448,7 +448,7 @@ def initial_discriminator(ctx: stages.Context):
         return discriminator_stage.load(ctx)[1]
     if not os.path.exists(os.path.join(how, model_io.CONFIG_FILE)):
         raise ConfigError(f"control.discriminator_init={how!r}: not 'scratch', 'stage' or a segmenter "
-                                f"directory (no {model_io.CONFIG_FILE} there)")
+                          f"directory (no {model_io.CONFIG_FILE} there)")
     return model_io.load(how)[2]
 
 

@@ -49,8 +49,8 @@ def load(ctx: stages.Context):
     path = os.path.join(ctx.workdir, NAME, "model")
     if not os.path.exists(os.path.join(path, model_io.CONFIG_FILE)):
         raise ModelFileError(f"control.discriminator_init='stage' needs the finished `{NAME}` stage "
-                                f"({path} is missing): add {NAME!r} to config.stages before 'control', "
-                                "or set control.discriminator_init to 'scratch' or a segmenter directory")
+                             f"({path} is missing): add {NAME!r} to config.stages before 'control', "
+                             "or set control.discriminator_init to 'scratch' or a segmenter directory")
     _, config, variables, _ = model_io.load(path)
     return config, variables
 
@@ -85,7 +85,7 @@ def run(ctx: stages.Context) -> dict:
     if jax.process_index() == 0:
         model_io.save(os.path.join(out, "model"), "segmenter", config, variables)
     with common.timed("discriminator: validation mIoU"):
-        # On real images, the N real classes only (the fake logit never wins there in practice).
+        # On real images, over the N real classes (evaluate_real ignores the fake output).
         result = evalseg.evaluate_real(ctx, seg, variables)
     logging.info("discriminator: validation mIoU on real images %.3f", result["miou"])
     return {"val_miou_real": result["miou"], "steps": cfg.num_steps}

@@ -48,7 +48,7 @@ def make_step(seg, tx, num_classes: int, ignore_id: int, shardings, class_balanc
     predicted car, cloud, rock or water on real images (IoU 0), so image mIoU
     could not see those classes at all. `images(batch, *frozen)` gives the
     float images the segmenter sees; by default the batch's real images (the
-    `discriminator` stage passes VAE reconstructions).
+    `discriminator` stage can pass VAE reconstructions).
     """
     def loss_fn(params, batch_stats, batch, frozen):
         x = images(batch, *frozen) if images else common.images_to_float(batch["image"])
@@ -76,7 +76,7 @@ def evaluate_real(ctx: stages.Context, seg, variables, split: str = "validation"
     predict = common.jit(lambda v, x: jnp.argmax(seg.apply(v, x, train=False)[..., :spec.num_classes], -1), ctx)
     confusion = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     for batch in pipeline.eval_batches(registry.data_source(spec, builder, split), tokenizer=common.tokenizer(ctx),
-                                       global_batch_size=32, limit=limit):
+                                       global_batch_size=common.EVAL_BATCH, limit=limit):
         pred = np.asarray(predict(variables, common.images_to_float(batch["image"])))
         confusion += segmentation.confusion_matrix(pred, batch["label"], spec.num_classes, spec.ignore_id,
                                                    mask=batch["mask"])
