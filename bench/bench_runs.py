@@ -1,7 +1,9 @@
 """Whole runs of `python -m sdsup.train`: wall time, each stage's time and step compile time, peak RSS.
 
-  smoke_run    configs/scenes.py:smoke from a cold compilation cache (goal: <= 180 s, issue 4)
-  default_run  configs/scenes.py, the embedded default (goal: <= 30 minutes for the whole pipeline)
+  smoke_run       configs/scenes.py:smoke from a cold compilation cache (goal: <= 180 s, issue 4)
+  default_run     configs/scenes.py, the embedded default (goal: <= 30 minutes for the whole pipeline)
+  smoke_ablation  `sdsup.experiments.ablation` on configs/scenes.py:smoke, one seed, from nothing
+                  (shared stages, both conditioners, evaluation, report; goal: <= 300 s, issue 6)
 
 Each run gets a fresh workdir and an empty XLA compilation cache (so compile
 times are the real, cold ones); the dataset itself comes from the usual tfds
@@ -22,7 +24,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(config_arg: str, goal_s: float, name: str) -> dict:
+def _stage_times(workdir: str) -> tuple:
+    """({stage: seconds}, {stage: step compile seconds}) from a workdir's DONE.json files."""
+    stages, compiles = {}, {}
+    # Real directories only: an ablation run links the shared stages, which count once.
+    for stage in sorted(os.listdir(workdir), key=lambda d: os.path.getmtime(os.path.join(workdir, d))):
+        path = os.path.join(workdir, stage, "DONE.json")
+        if os.path.islink(os.path.join(workdir, stage)) or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            done = json.load(f)
+        stages[stage] = done.get("seconds")
+        if "compile_s" in done:
+            compiles[stage] = done["compile_s"]
+    return stages, compiles
+
+
+def _run(config_arg: str, goal_s: float, name: str, module: str = "sdsup.train", args: tuple = ()) -> dict:
     keep = os.environ.get("SDSUP_BENCH_KEEP")
     if keep:
         tmp = os.path.join(os.path.abspath(keep), name)
@@ -34,8 +52,8 @@ def _run(config_arg: str, goal_s: float, name: str) -> dict:
     try:
         workdir, cache = os.path.join(tmp, "run"), os.path.join(tmp, "jax_cache")
         config = "configs/scenes.py" + (f":{config_arg}" if config_arg else "")
-        cmd = [sys.executable, "-m", "sdsup.train", f"--config={config}", f"--workdir={workdir}",
-               f"--config.jax_cache_dir={cache}"]
+        cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}",
+               f"--config.jax_cache_dir={cache}", *args]
         log = os.path.join(tmp, "log.txt")
         start = time.perf_counter()
         with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the child
@@ -46,20 +64,21 @@ def _run(config_arg: str, goal_s: float, name: str) -> dict:
         if code:
             with open(log) as f:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {f.read()[-2000:]}")
-        stages, compiles = {}, {}
-        with open(os.path.join(workdir, "config.json")) as f:
-            names = json.load(f)["stages"]
-        for stage in names:
-            with open(os.path.join(workdir, stage, "DONE.json")) as f:
-                done = json.load(f)
-            stages[stage] = done.get("seconds")
-            if "compile_s" in done:
-                compiles[stage] = done["compile_s"]
+        if module == "sdsup.train":
+            stages, compiles = _stage_times(workdir)
+        else:  # the ablation: shared stages once, then one conditioner per (variant, seed)
+            stages, compiles = _stage_times(os.path.join(workdir, "shared"))
+            for run in sorted(os.listdir(os.path.join(workdir, "runs"))):
+                run_stages, run_compiles = _stage_times(os.path.join(workdir, "runs", run))
+                stages.update({f"{run}/{k}": v for k, v in run_stages.items()})
+                compiles.update({f"{run}/{k}": v for k, v in run_compiles.items()})
         metrics = {}
-        path = os.path.join(workdir, "metrics.json")
+        path = os.path.join(workdir, "metrics.json" if module == "sdsup.train" else "ablation.json")
         if os.path.exists(path):
             with open(path) as f:
-                metrics = {k: v for k, v in json.load(f).items() if "/iou" not in k}
+                found = json.load(f)
+            metrics = ({k: v for k, v in found.items() if "/iou" not in k} if module == "sdsup.train"
+                       else found.get("target", {}))
         return {"name": name, "value": round(wall, 1), "unit": "s", "goal": f"value <= {goal_s:.0f}",
                 "stage_s": stages, "step_compile_s": compiles, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
                 "metrics": metrics, "config": config + ", cold compilation cache, dataset prebuilt",
@@ -72,4 +91,6 @@ def _run(config_arg: str, goal_s: float, name: str) -> dict:
 BENCHMARKS = {
     "smoke_run": lambda: _run("smoke", 180, "smoke_run"),
     "default_run": lambda: _run("", 1800, "default_run"),
+    "smoke_ablation": lambda: _run("smoke", 300, "smoke_ablation", module="sdsup.experiments.ablation",
+                                   args=("--seeds=1",)),
 }

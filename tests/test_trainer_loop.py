@@ -189,3 +189,39 @@ def tf_value(event):
     from tensorboard.util import tensor_util
 
     return tensor_util.make_ndarray(event.tensor_proto)
+
+
+def test_state_made_in_the_background_equals_the_direct_one():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    model, tx = Toy(), optax.adamw(1e-2)
+
+    def init(rng):
+        params = model.init(rng, jnp.zeros((1, 4)))["params"]
+        return {"params": params, "opt": tx.init(params)}
+
+    direct, shardings = sharding.create_sharded(init, mesh, jax.random.PRNGKey(0))
+
+    def finish(state, shardings):
+        state["params"] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x) + 1.0, s), state["params"],
+                                       shardings["params"])
+        return state
+
+    pending, same_shardings = sharding.create_sharded_in_background(init, mesh, jax.random.PRNGKey(0),
+                                                                    finish=finish)
+    assert same_shardings == shardings
+    # What compiling a step reads: shapes, dtypes and shardings, before the state exists.
+    for a, x in zip(jax.tree.leaves(pending.abstract), jax.tree.leaves(direct)):
+        assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
+    made = sharding.resolve(pending)
+    for x, y in zip(jax.tree.leaves(made["params"]), jax.tree.leaves(direct["params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y) + 1.0)
+        assert x.sharding == y.sharding
+    for x, y in zip(jax.tree.leaves(made["opt"]), jax.tree.leaves(direct["opt"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def broken(state, shardings):
+        raise ValueError("no such checkpoint")
+
+    pending, _ = sharding.create_sharded_in_background(init, mesh, jax.random.PRNGKey(0), finish=broken)
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        sharding.resolve(pending)

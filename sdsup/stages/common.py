@@ -175,13 +175,17 @@ def compile_step(step: Callable, state: Any, ctx: stages.Context, batch_size: in
     `step(state, batch, rng, *frozen)`; the frozen inputs (weights of models
     that do not train in this stage) are bound here, so the result has the
     loop's signature `(state, batch, rng)`. The per-step rng is placed
-    replicated on the mesh, as the compiled executable expects.
+    replicated on the mesh, as the compiled executable expects. `state` may
+    still be in the making (`sharding.PendingState`): only its shapes and
+    shardings are read.
     """
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     replicated = NamedSharding(ctx.mesh, P())
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
     start = time.perf_counter()
+    if isinstance(state, sharding.PendingState):
+        state = state.abstract
     compiled = step.lower(state, abstract_batch(ctx, batch_size), rng, *frozen).compile(
         compiler_options=compiler_options(ctx) or None)
     seconds = time.perf_counter() - start
@@ -229,10 +233,11 @@ def train(ctx: stages.Context, name: str, cfg, state: Any, shardings: Any, step_
     seed_offset`, so stages never share random streams. `pictures(step,
     state)` (a sample grid) runs every `cfg.sample_every` steps when set.
     `learning_rates` ({metric name: step -> lr}) defaults to the schedule of
-    `cfg.optimizer`.
+    `cfg.optimizer`. `state` may be a `sharding.PendingState`.
     """
     from sdsup.trainer import loop
 
+    state = sharding.resolve(state)
     seed = ctx.config.seed + seed_offset
     batches = lambda data_state: train_batches(ctx, seed=seed, data_state=data_state,
                                                global_batch_size=cfg.batch_size)

@@ -385,25 +385,36 @@ class Setup:
         """Boxed-parameter initialisers of the frozen models (for their shardings)."""
         return frozen_model_inits(self.ctx, self.unet_config, self.vae.config, self.text_config)
 
-    def create_state(self, mesh, unet_params, seed: int, discriminator=None):
+    def create_state(self, mesh, unet_params, seed: int, discriminator=None, background: bool = False):
         """(state, shardings) on `mesh`, the conditioner's encoder copied from the UNet.
 
         `discriminator`: pretrained segmenter variables {params, batch_stats}
-        to start from (None: the random initialisation).
+        to start from (None: the random initialisation). With `background`
+        the state is a `sharding.PendingState` (see
+        `sharding.create_sharded_in_background`); a discriminator of the wrong
+        shape is reported at once either way.
         """
-        state, shardings = sharding.create_sharded(self.init, mesh, jax.random.PRNGKey(seed))
+
+        def finish(state, shardings):
+            if discriminator is not None:
+                for key in ("params", "batch_stats"):
+                    state["seg"][key] = jax.device_put(jax.tree.map(np.array, discriminator[key]),
+                                                       shardings["seg"][key])
+            gen = {"controlnet": controlnet_lib.controlnet_params_from_unet(
+                       unet_params, jax.device_get(state["gen"]["params"]["controlnet"]), self.cn_config),
+                   "unet": {k: unet_params[k] for k in self.trainable_unet_names()}}
+            # Separate copies: on CPU, device_put may alias host memory, and params
+            # and EMA are donated to the step as two different buffers.
+            state["gen"]["params"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["params"])
+            state["gen"]["ema"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["ema"])
+            return state
+
+        pending, shardings = sharding.create_sharded_in_background(self.init, mesh, jax.random.PRNGKey(seed),
+                                                                   finish=finish)
         if discriminator is not None:
             for key in ("params", "batch_stats"):
-                _check_same_shapes(state["seg"][key], discriminator[key], f"discriminator {key}")
-                state["seg"][key] = jax.device_put(jax.tree.map(np.array, discriminator[key]), shardings["seg"][key])
-        gen = {"controlnet": controlnet_lib.controlnet_params_from_unet(
-                   unet_params, jax.device_get(state["gen"]["params"]["controlnet"]), self.cn_config),
-               "unet": {k: unet_params[k] for k in self.trainable_unet_names()}}
-        # Separate copies: on CPU, device_put may alias host memory, and params
-        # and EMA are donated to the step as two different buffers.
-        state["gen"]["params"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["params"])
-        state["gen"]["ema"] = jax.device_put(jax.tree.map(np.array, gen), shardings["gen"]["ema"])
-        return state, shardings
+                _check_same_shapes(pending.abstract["seg"][key], discriminator[key], f"discriminator {key}")
+        return (pending if background else pending.result()), shardings
 
     def frozen(self, mesh, unet_params, vae_params, text_params):
         inits = self.frozen_inits()
@@ -465,7 +476,8 @@ def run(ctx: stages.Context) -> dict:
     with common.timed("control: class embedding table"):
         table = class_table(ctx, CLIPTextTransformer(text_config), text_params)
     setup = Setup(ctx, spec, tok, unet_config, vae_config, text_config, table)
-    state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40, initial_discriminator(ctx))
+    state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40, initial_discriminator(ctx),
+                                          background=True)
     frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
     compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
     host_models = {"unet": models["unet"], "text_encoder": models["text_encoder"], "vae": (vae_config, vae_params),

@@ -97,7 +97,8 @@ def train_segmenter(ctx: stages.Context, name: str, cfg, seg, seed_offset: int, 
         return {"params": variables["params"], "batch_stats": variables["batch_stats"],
                 "opt": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + seed_offset))
+    state, shardings = sharding.create_sharded_in_background(init, ctx.mesh,
+                                                              jax.random.PRNGKey(ctx.config.seed + seed_offset))
     step = make_step(seg, tx, spec.num_classes, spec.ignore_id, shardings, float(cfg.get("class_balance", 0.0)),
                      images)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, *frozen)

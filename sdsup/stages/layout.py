@@ -128,12 +128,16 @@ def run(ctx: stages.Context) -> dict:
             params["text_encoder"] = text_init()  # replaced by the ldm stage's weights below
         return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 50))
-    frozen_text = common.place(text_init, text_params, ctx.mesh)
-    if train_text:  # start from the ldm stage's encoder (separate buffers: params and EMA are donated)
+    def with_ldm_text_encoder(state, shardings):
+        """Starts from the ldm stage's encoder (separate buffers: params and EMA are donated)."""
         for key in ("params", "ema"):
             state[key]["text_encoder"] = jax.tree.map(lambda x, sh: jax.device_put(np.array(x), sh), text_params,
                                                       shardings[key]["text_encoder"])
+        return state
+
+    state, shardings = sharding.create_sharded_in_background(
+        init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 50), finish=with_ldm_text_encoder if train_text else None)
+    frozen_text = common.place(text_init, text_params, ctx.mesh)
     step = make_step(model, text_model, tx, cfg, spec, jnp.asarray(tok.encode("")), ldm_stage.mask_pad_id(tok),
                      factor, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, frozen_text)

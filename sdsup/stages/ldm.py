@@ -148,7 +148,7 @@ def run(ctx: stages.Context) -> dict:
         params = init_params(rng)
         return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
+    state, shardings = sharding.create_sharded_in_background(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
     vae_params = common.place(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
                               vae_params, ctx.mesh)
     empty = jnp.asarray(tok.encode(""))

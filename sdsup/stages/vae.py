@@ -84,7 +84,7 @@ def run(ctx: stages.Context) -> dict:
         params = vae.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
+    state, shardings = sharding.create_sharded_in_background(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
     step = make_step(vae, tx, cfg, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=1)

@@ -10,10 +10,13 @@ mesh axes do not divide falls back to replication (a 4-channel conv_out on an
 `create_sharded` builds a state directly in its sharded layout: shapes come
 from `jax.eval_shape`, and the jitted initialiser writes each shard on its
 device, so no host or device ever holds the whole state (diffusers #5849).
+`create_sharded_in_background` does the same in a thread and hands back the
+shapes at once, so that a stage compiles its step while the state is made.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -73,6 +76,21 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def _sharded_initialiser(init_fn: Callable, mesh: Mesh, args: tuple, rules: Rules,
+                         compiler_options: Optional[dict]) -> Tuple[Callable, Any, Any]:
+    """(jitted unboxing initialiser, abstract unboxed state with shardings, shardings)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = logical_shardings(abstract, mesh, rules)
+
+    def init_unboxed(*a):
+        return nn.meta.unbox(init_fn(*a))
+
+    init = jax.jit(init_unboxed, out_shardings=shardings, compiler_options=compiler_options or None)
+    shaped = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          nn.meta.unbox(abstract), shardings)
+    return init, shaped, shardings
+
+
 def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RULES,
                    compiler_options: Optional[dict] = FAST_COMPILE):
     """(state, shardings): `init_fn(*args)` evaluated straight into its sharding.
@@ -81,14 +99,52 @@ def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RUL
     them); the result is unboxed. The initialisation runs once, so by default
     it is compiled for compile speed (`FAST_COMPILE`).
     """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_shardings(abstract, mesh, rules)
+    init, _, shardings = _sharded_initialiser(init_fn, mesh, args, rules, compiler_options)
+    return init(*args), shardings
 
-    def init_unboxed(*a):
-        return nn.meta.unbox(init_fn(*a))
 
-    state = jax.jit(init_unboxed, out_shardings=shardings, compiler_options=compiler_options or None)(*args)
-    return state, shardings
+class PendingState:
+    """A train state being created in a background thread (`create_sharded_in_background`).
+
+    `abstract` (shapes, dtypes and shardings) is all that compiling a step
+    needs; `result()` waits for the state itself and re-raises any error of
+    its creation.
+    """
+
+    def __init__(self, future: concurrent.futures.Future, abstract: Any):
+        self._future = future
+        self.abstract = abstract
+
+    def result(self) -> Any:
+        return self._future.result()
+
+
+def create_sharded_in_background(init_fn: Callable, mesh: Mesh, *args, finish: Optional[Callable] = None,
+                                 rules: Rules = FSDP_RULES, compiler_options: Optional[dict] = FAST_COMPILE):
+    """(PendingState, shardings): `create_sharded`, compiled and run in a thread.
+
+    The initialiser is a program of its own (every parameter's random
+    initialiser: 5-10 s to compile for the scenes' UNet), and an XLA compile
+    leaves part of a small machine idle, so the stage's step compiles
+    meanwhile from `PendingState.abstract`. `finish(state, shardings)`, run in
+    the same thread, returns the state with pretrained weights put in; it
+    must keep every leaf's shape, dtype and sharding.
+    """
+    init, abstract, shardings = _sharded_initialiser(init_fn, mesh, args, rules, compiler_options)
+
+    def create():
+        state = init(*args)
+        return finish(state, shardings) if finish is not None else state
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="init")
+    future = executor.submit(create)
+    executor.shutdown(wait=False)  # the thread ends with its one task
+    return PendingState(future, abstract), shardings
+
+
+def resolve(state: Any) -> Any:
+    """The state itself, waiting for it if it is still being created."""
+    return state.result() if isinstance(state, PendingState) else state
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
