@@ -222,6 +222,8 @@ def get_config(arg: str = ""):
   #   lambda_adv 0 (plain conditioner)      0.369 / 4.28   (n_lazy 8, K 9; n_lazy 2, K 2: 0.369 / 4.27)
   #   lambda_adv 0.5, 20, 100; n_lazy 8, K 9 0.369, 0.372, 0.372 / 4.28, 4.24, 4.19
   #   lambda_adv 20, n_lazy 2, K 2           0.392 / 3.83
+  # Re-run on a fresh default run (same config): plain 0.370 / 4.40; lambda_adv 20 0.396 / 3.97;
+  #   lambda_adv 50 0.399 / 3.82; lambda_adv 20 with the ramp at 20->60 0.385 / 4.05 (all n_lazy 2, K 2).
   # With 25 adversarial updates the term cannot move the images whatever its weight; with 100 it
   # does. K 2 keeps the lazy step affordable (the VAE decoder runs K + 2 times in it).
   c.control.lambda_adv = 20.0
