@@ -25,11 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stage_times(workdir: str) -> tuple:
-    """({stage: seconds}, {stage: step compile seconds}) from a workdir's DONE.json files."""
+    """({stage: seconds}, {stage: step compile seconds}) of the stages trained in `workdir`."""
     stages, compiles = {}, {}
-    # Real directories only: an ablation run links the shared stages, which count once.
-    for stage in sorted(os.listdir(workdir), key=lambda d: os.path.getmtime(os.path.join(workdir, d))):
+    with open(os.path.join(workdir, "config.json")) as f:
+        names = json.load(f)["stages"]
+    for stage in names:
         path = os.path.join(workdir, stage, "DONE.json")
+        # Links are an ablation run's shared stages, counted where they were trained.
         if os.path.islink(os.path.join(workdir, stage)) or not os.path.exists(path):
             continue
         with open(path) as f:
@@ -40,7 +42,32 @@ def _stage_times(workdir: str) -> tuple:
     return stages, compiles
 
 
-def _run(config_arg: str, goal_s: float, name: str, module: str = "sdsup.train", args: tuple = ()) -> dict:
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _train_results(workdir: str) -> tuple:
+    """(stage seconds, step compile seconds, metrics) of a `sdsup.train` workdir."""
+    stages, compiles = _stage_times(workdir)
+    metrics = {k: v for k, v in _read_json(os.path.join(workdir, "metrics.json")).items() if "/iou" not in k}
+    return stages, compiles, metrics
+
+
+def _ablation_results(workdir: str) -> tuple:
+    """The same for an ablation: shared stages once, then one conditioner per (variant, seed)."""
+    stages, compiles = _stage_times(os.path.join(workdir, "shared"))
+    for run in sorted(os.listdir(os.path.join(workdir, "runs"))):
+        run_stages, run_compiles = _stage_times(os.path.join(workdir, "runs", run))
+        stages.update({f"{run}/{k}": v for k, v in run_stages.items()})
+        compiles.update({f"{run}/{k}": v for k, v in run_compiles.items()})
+    return stages, compiles, _read_json(os.path.join(workdir, "ablation.json")).get("target", {})
+
+
+def _run(config_arg: str, goal_s: float, name: str, module: str = "sdsup.train", args: tuple = (),
+         results=_train_results) -> dict:
     keep = os.environ.get("SDSUP_BENCH_KEEP")
     if keep:
         tmp = os.path.join(os.path.abspath(keep), name)
@@ -64,21 +91,7 @@ def _run(config_arg: str, goal_s: float, name: str, module: str = "sdsup.train",
         if code:
             with open(log) as f:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {f.read()[-2000:]}")
-        if module == "sdsup.train":
-            stages, compiles = _stage_times(workdir)
-        else:  # the ablation: shared stages once, then one conditioner per (variant, seed)
-            stages, compiles = _stage_times(os.path.join(workdir, "shared"))
-            for run in sorted(os.listdir(os.path.join(workdir, "runs"))):
-                run_stages, run_compiles = _stage_times(os.path.join(workdir, "runs", run))
-                stages.update({f"{run}/{k}": v for k, v in run_stages.items()})
-                compiles.update({f"{run}/{k}": v for k, v in run_compiles.items()})
-        metrics = {}
-        path = os.path.join(workdir, "metrics.json" if module == "sdsup.train" else "ablation.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                found = json.load(f)
-            metrics = ({k: v for k, v in found.items() if "/iou" not in k} if module == "sdsup.train"
-                       else found.get("target", {}))
+        stages, compiles, metrics = results(workdir)
         return {"name": name, "value": round(wall, 1), "unit": "s", "goal": f"value <= {goal_s:.0f}",
                 "stage_s": stages, "step_compile_s": compiles, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
                 "metrics": metrics, "config": config + ", cold compilation cache, dataset prebuilt",
@@ -92,5 +105,5 @@ BENCHMARKS = {
     "smoke_run": lambda: _run("smoke", 180, "smoke_run"),
     "default_run": lambda: _run("", 1800, "default_run"),
     "smoke_ablation": lambda: _run("smoke", 300, "smoke_ablation", module="sdsup.experiments.ablation",
-                                   args=("--seeds=1",)),
+                                   args=("--seeds=1",), results=_ablation_results),
 }
