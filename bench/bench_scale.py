@@ -74,6 +74,8 @@ def _config():
         c.control.discriminator = dict(embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3),
                                        layer_type="bottleneck", head_channels=512, pool_scales=(1, 2, 3, 6))
         c.control.remat_discriminator = True
+        c.control.discriminator_dtype = "bfloat16"
+        c.control.hint_channels = ()  # the encoding's default hint encoder (ALDM's), not the scenes' narrow one
         c.fast_compile = True  # memory and FLOPs come from HLO passes; LLVM's effort does not change them
     return c
 
@@ -144,6 +146,7 @@ def child() -> dict:
     boxed_frozen = {name: jax.eval_shape(init) for name, init in setup.frozen_inits().items()}
     frozen = {name: abstract(b, sharding.logical_shardings(b, mesh)) for name, b in boxed_frozen.items()}
     frozen["class_table"] = jax.ShapeDtypeStruct(table.shape, jnp.float32, sharding=NamedSharding(mesh, P()))
+    frozen["lambda_adv"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
     batch = common.abstract_batch(ctx, config.control.batch_size)
 

@@ -247,6 +247,8 @@ def get_config(arg: str = ""):
       pool_scales=(1, 2, 4)))
   # Rematerialise the discriminator's blocks in the backward pass (memory at 512x512).
   c.control.remat_discriminator = False
+  # Its compute dtype ("bfloat16" at scale; parameters and BatchNorm statistics stay float32).
+  c.control.discriminator_dtype = "float32"
   c.control.log_every = 2 if smoke else 50
   c.control.sample_every = 0 if smoke else 100
   c.control.checkpoint_every = 1000

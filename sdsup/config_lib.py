@@ -127,6 +127,9 @@ def _validate_control(config) -> None:
         _number_in(config, f"control.{key}", 0.0, float("inf"))
     _require(isinstance(c.ramp_start, int) and 0 <= c.ramp_start <= c.ramp_end, "control.ramp_start",
              f"must be a non-negative integer at most control.ramp_end={c.ramp_end}", c.ramp_start)
+    if "discriminator_dtype" in c:
+        _require(c.discriminator_dtype in ("float32", "bfloat16"), "control.discriminator_dtype",
+                 "must be 'float32' or 'bfloat16'", c.discriminator_dtype)
     init = c.get("discriminator_init", "scratch")
     _require(isinstance(init, str) and init != "", "control.discriminator_init",
              "must be 'scratch', 'stage' or a segmenter directory", init)

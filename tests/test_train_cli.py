@@ -48,6 +48,7 @@ def test_shipped_configs_validate(arg):
     ("control.unroll_steps", 10, "config.control.unroll_steps must be in [0, control.grid_steps=10)"),
     ("control.lambda_adv", -0.5, "config.control.lambda_adv must be a number in [0.0, inf]"),
     ("control.layout_encoding", "rgb", "config.control.layout_encoding must be"),
+    ("control.discriminator_dtype", "float16", "config.control.discriminator_dtype must be 'float32' or 'bfloat16'"),
     ("ldm.ema_decay", 1.0, "config.ldm.ema_decay must be a number in [0.0, 1.0)"),
     ("vae.num_steps", 0, "config.vae.num_steps must be a positive integer"),
     ("ldm.sample_every", -1, "config.ldm.sample_every must be a non-negative integer"),

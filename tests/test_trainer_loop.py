@@ -225,3 +225,26 @@ def test_state_made_in_the_background_equals_the_direct_one():
     pending, _ = sharding.create_sharded_in_background(init, mesh, jax.random.PRNGKey(0), finish=broken)
     with pytest.raises(ValueError, match="no such checkpoint"):
         sharding.resolve(pending)
+
+
+def test_a_warmed_up_function_compiles_once_and_waits_for_the_warm_up():
+    from sdsup.stages import common
+
+    traces = []
+
+    @jax.jit
+    def sampler(params, x):
+        traces.append(1)  # runs once per trace, i.e. per compile
+        return x @ params["w"]
+
+    abstract = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
+    x = np.ones((2, 4), np.float32)
+    after = common.warm_up("toy sampler", lambda: sampler(common.zeros_like_abstract(abstract), x))
+    got = after(sampler)({"w": np.full((4, 3), 2.0, np.float32)}, x)
+    np.testing.assert_array_equal(np.asarray(got), np.full((2, 3), 8.0))
+    assert len(traces) == 1  # the real weights (host arrays, same shapes) hit the warm-up's compile
+
+    # A failing warm-up is only logged; the real call reports its own error.
+    after = common.warm_up("broken", lambda: sampler({"w": np.ones((5, 3), np.float32)}, x))
+    with pytest.raises(TypeError):
+        after(sampler)({"w": np.ones((5, 3), np.float32)}, x)

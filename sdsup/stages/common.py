@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -159,7 +161,6 @@ def abstract_batch(ctx: stages.Context, batch_size: int) -> dict:
 FAST_COMPILE = sharding.FAST_COMPILE
 
 
-
 def compiler_options(ctx: stages.Context) -> dict:
     return dict(FAST_COMPILE) if ctx.config.get("fast_compile", False) else {}
 
@@ -207,6 +208,41 @@ def place(init_fn: Callable, params: Any, mesh) -> Any:
 
     shardings = sharding.logical_shardings(jax.eval_shape(init_fn), mesh)
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
+
+
+def zeros_like_abstract(tree: Any) -> Any:
+    """Host zeros with the shapes and dtypes of a tree of arrays or ShapeDtypeStructs."""
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
+
+
+def warm_up(what: str, fn: Callable[[], Any]) -> Callable:
+    """Runs `fn()` in a background thread now; returns `after(f)`, which wraps `f` to wait for it first.
+
+    For sample grids: `fn` draws a grid from placeholder weights of the
+    trained ones' shapes, so the sampler compiles while the train step does
+    (two compiles share the 2 cores better than they run one after the
+    other) and the real grids find it in jit's cache: same shapes, dtypes
+    and host placement. A failure here is only logged: the real call
+    compiles again and raises for itself.
+    """
+    def run():
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported by the real call
+            logging.warning("%s: warm-up failed (%s: %s); it compiles on first use", what, type(e).__name__, e)
+        else:
+            logging.info("%s: compiled in the background in %.1f s", what, time.perf_counter() - start)
+
+    thread = threading.Thread(target=run, name=f"warm-up {what}", daemon=True)
+    thread.start()
+
+    def after(f: Callable) -> Callable:
+        def waiting(*args, **kwargs):
+            thread.join()  # a second compile of the same program would start otherwise
+            return f(*args, **kwargs)
+        return waiting
+    return after
 
 
 @contextlib.contextmanager

@@ -330,7 +330,9 @@ class Setup:
         self.cn_config = controlnet_config(ctx, unet_config, self.table.shape[1])
         self.controlnet = ControlNetModel(self.cn_config)
         self.seg_config = discriminator_config(ctx, spec.num_classes)
-        self.seg = UperNetSegmenter(self.seg_config, remat=bool(cfg.get("remat_discriminator", False)))
+        # Compute dtype only: parameters, BatchNorm statistics and the logits stay float32.
+        self.seg = UperNetSegmenter(self.seg_config, remat=bool(cfg.get("remat_discriminator", False)),
+                                    dtype=jnp.dtype(cfg.get("discriminator_dtype", "float32")))
         self.gen_tx, self.gen_schedule = common.optimizer(cfg.optimizer, cfg.num_steps)
         # The segmenter updates on lazy steps from seg_start on: its schedule
         # (e.g. ALDM's one-cycle) spans that many updates, not num_steps.
@@ -478,8 +480,6 @@ def run(ctx: stages.Context) -> dict:
     setup = Setup(ctx, spec, tok, unet_config, vae_config, text_config, table)
     state, shardings = setup.create_state(ctx.mesh, unet_params, ctx.config.seed + 40, initial_discriminator(ctx),
                                           background=True)
-    frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
-    compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
     host_models = {"unet": models["unet"], "text_encoder": models["text_encoder"], "vae": (vae_config, vae_params),
                    "table": table}
 
@@ -488,6 +488,12 @@ def run(ctx: stages.Context) -> dict:
         unet = (unet_config, dict(unet_params, **ema["unet"]))
         return dict(host_models, unet=unet, controlnet=(setup.cn_config, ema["controlnet"]))
 
+    after_warm_up = common.warm_up("control: sampler", lambda: sample_grid(
+        ctx, with_generator(common.zeros_like_abstract(state.abstract["gen"]["ema"]))))
+    frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
+    compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
+
+    @after_warm_up
     def pictures(step, state):
         return sample_grid(ctx, with_generator(sharding.host_copy(state["gen"]["ema"])))
 
@@ -504,7 +510,7 @@ def run(ctx: stages.Context) -> dict:
         model_io.save(os.path.join(out, "discriminator"), "segmenter", setup.seg_config, seg_vars)
         np.save(os.path.join(out, "class_table.npy"), table)
         with common.timed("control: sample grid"):
-            viz.save_png(sample_grid(ctx, final), os.path.join(out, "samples.png"))
+            viz.save_png(after_warm_up(sample_grid)(ctx, final), os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding,
             "discriminator_init": cfg.get("discriminator_init", "scratch"),
             "unet_trainable": list(setup.trainable_unet_names())}

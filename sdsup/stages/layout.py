@@ -137,14 +137,18 @@ def run(ctx: stages.Context) -> dict:
 
     state, shardings = sharding.create_sharded_in_background(
         init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed + 50), finish=with_ldm_text_encoder if train_text else None)
+    def sampling_models(ema):
+        return {"layout": (config, ema["layout"]), "text_encoder": (text_config, ema.get("text_encoder", text_params))}
+
+    # The grid's samplers (most probable and sampled maps) are the evaluation's too.
+    after_warm_up = common.warm_up("layout: samplers", lambda: sample_grid(
+        ctx, sampling_models(common.zeros_like_abstract(state.abstract["ema"]))))
     frozen_text = common.place(text_init, text_params, ctx.mesh)
     step = make_step(model, text_model, tx, cfg, spec, jnp.asarray(tok.encode("")), ldm_stage.mask_pad_id(tok),
                      factor, shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, frozen_text)
 
-    def sampling_models(ema):
-        return {"layout": (config, ema["layout"]), "text_encoder": (text_config, ema.get("text_encoder", text_params))}
-
+    @after_warm_up
     def pictures(step, state):
         return sample_grid(ctx, sampling_models(sharding.host_copy(state["ema"])))
 
@@ -157,12 +161,12 @@ def run(ctx: stages.Context) -> dict:
         if train_text:  # the layout model's own copy; the image models keep the ldm stage's
             model_io.save(os.path.join(out, "text_encoder"), "text_encoder", text_config, ema["text_encoder"])
         with common.timed("layout: sample grid"):
-            viz.save_png(sample_grid(ctx, models), os.path.join(out, "samples.png"))
+            viz.save_png(after_warm_up(sample_grid)(ctx, models), os.path.join(out, "samples.png"))
     if cfg.get("evaluate", True):
         from sdsup import layout_eval
 
         with common.timed("layout: evaluation"):
-            summary.update(layout_eval.evaluate(ctx, models))
+            summary.update(after_warm_up(layout_eval.evaluate)(ctx, models))
     return summary
 
 

@@ -151,13 +151,19 @@ def run(ctx: stages.Context) -> dict:
     state, shardings = sharding.create_sharded_in_background(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
     vae_params = common.place(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
                               vae_params, ctx.mesh)
+    host_vae_params = sharding.host_copy(vae_params)
+
+    def grid(params):
+        return sample_grid(ctx, unet, text_model, vae, params, host_vae_params, schedule)
+
+    after_warm_up = common.warm_up("ldm: sampler", lambda: grid(common.zeros_like_abstract(state.abstract["ema"])))
     empty = jnp.asarray(tok.encode(""))
     step = make_step(unet, text_model, vae, tx, cfg, schedule, empty, mask_pad_id(tok), shardings)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size, vae_params)
-    host_vae_params = sharding.host_copy(vae_params)
 
+    @after_warm_up
     def pictures(step, state):
-        return sample_grid(ctx, unet, text_model, vae, sharding.host_copy(state["ema"]), host_vae_params, schedule)
+        return grid(sharding.host_copy(state["ema"]))
 
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=11, pictures=pictures)
 
@@ -166,8 +172,7 @@ def run(ctx: stages.Context) -> dict:
         model_io.save(os.path.join(out, "unet"), "unet", unet_config, ema["unet"])
         model_io.save(os.path.join(out, "text_encoder"), "text_encoder", text_config, ema["text_encoder"])
         with common.timed("ldm: sample grid"):
-            viz.save_png(sample_grid(ctx, unet, text_model, vae, ema, host_vae_params, schedule),
-                         os.path.join(out, "samples.png"))
+            viz.save_png(after_warm_up(grid)(ema), os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps}
 
 
