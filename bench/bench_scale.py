@@ -59,6 +59,7 @@ MICRO_BATCHES = 4
 FAKE_DEVICES = 8
 POD_CHIPS = 256
 GOAL_GIB = 16.0
+COMPUTE_DTYPE = os.environ.get("SDSUP_SCALE_DTYPE", "bfloat16")
 
 
 def _config():
@@ -74,7 +75,7 @@ def _config():
         c.control.discriminator = dict(embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3),
                                        layer_type="bottleneck", head_channels=512, pool_scales=(1, 2, 3, 6))
         c.control.remat_discriminator = True
-        c.control.discriminator_dtype = "bfloat16"
+        c.control.discriminator_dtype = COMPUTE_DTYPE
         c.control.hint_channels = ()  # the encoding's default hint encoder (ALDM's), not the scenes' narrow one
         c.fast_compile = True  # memory and FLOPs come from HLO passes; LLVM's effort does not change them
     return c
@@ -107,6 +108,7 @@ def _shard_bytes(abstract_boxed, mesh_like) -> int:
 
 
 def child() -> dict:
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -127,8 +129,8 @@ def child() -> dict:
         palette=tuple((i, i, i) for i in range(num_classes)), ignore_id=255, caption_source="field:caption",
         make_builder=None, builds_offline=False, default_tokenizer="clip")
     tok = tokenizers.WordTokenizer.scenes(77)  # only the empty prompt's ids are used; shapes are what matter
-    unet_config = unet.UNetConfig(**{**unet.STABLE_DIFFUSION_1_5.__dict__, "dtype": "bfloat16", "remat": True})
-    vae_config = vae.VAEConfig(**{**vae.STABLE_DIFFUSION_1_5.__dict__, "dtype": "bfloat16", "remat": True})
+    unet_config = unet.UNetConfig(**{**unet.STABLE_DIFFUSION_1_5.__dict__, "dtype": COMPUTE_DTYPE, "remat": True})
+    vae_config = vae.VAEConfig(**{**vae.STABLE_DIFFUSION_1_5.__dict__, "dtype": COMPUTE_DTYPE, "remat": True})
     text_config = clip_text.CLIPTextConfig(hidden_size=768, intermediate_size=3072, projection_dim=768,
                                            num_hidden_layers=12, num_attention_heads=12)
     with config.unlocked():  # the stage reads the VAE's downsampling from the config
@@ -138,15 +140,9 @@ def child() -> dict:
 
     boxed_state = jax.eval_shape(setup.init, jax.random.PRNGKey(0))
     state_shardings = sharding.logical_shardings(boxed_state, mesh)
-    import flax.linen as nn
-
-    abstract = lambda boxed, shardings: jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings)
-    state = abstract(boxed_state, state_shardings)
+    state = sharding.sharded_abstract(boxed_state, mesh)
+    frozen = setup.abstract_frozen(mesh)
     boxed_frozen = {name: jax.eval_shape(init) for name, init in setup.frozen_inits().items()}
-    frozen = {name: abstract(b, sharding.logical_shardings(b, mesh)) for name, b in boxed_frozen.items()}
-    frozen["class_table"] = jax.ShapeDtypeStruct(table.shape, jnp.float32, sharding=NamedSharding(mesh, P()))
-    frozen["lambda_adv"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
     batch = common.abstract_batch(ctx, config.control.batch_size)
 
@@ -175,7 +171,7 @@ def child() -> dict:
         "name": "sd15_aldm_step_on_paper", "value": round(total_pod / gib, 2), "unit": "GiB per chip (256 chips)",
         "goal": f"value <= {GOAL_GIB}",
         "config": "SD-1.5 UNet (frozen) + ControlNet (class embedding) + SD VAE decoder (grad, remat) + "
-                  "UperNet-R50 (151 classes) + CLIP ViT-L text, 512x512, 4 per device, n_lazy 8, K 9, bf16 compute",
+                  f"UperNet-R50 (151 classes) + CLIP ViT-L text, 512x512, 4 per device, n_lazy 8, K 9, {COMPUTE_DTYPE} compute",
         "fake_mesh": {"data": 1, "fsdp": FAKE_DEVICES},
         "per_device_fsdp8_gib": {"arguments": round(mem.argument_size_in_bytes / gib, 2),
                                  "arguments_from_rules": round(args_eight / gib, 2),

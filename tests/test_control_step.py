@@ -218,3 +218,25 @@ def test_control_starts_from_a_pretrained_discriminator(tmp_path):
     config.control.discriminator_init = "stage"  # the workdir has no finished discriminator stage
     with pytest.raises(ModelFileError, match="needs the finished `discriminator` stage"):
         control.initial_discriminator(ctx)
+
+
+def test_the_step_lowers_from_shapes_alone_as_the_scale_benchmark_does():
+    """bench/bench_scale.py lowers SD-1.5's step with no weights; the same path, tiny, on a 2x4 mesh."""
+    from sdsup import stages
+    from sdsup.stages import common, control
+    from sdsup.trainer import sharding
+
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    ctx = stages.Context(config=control_case.config(), workdir="/nonexistent", mesh=mesh)
+    setup, params = control.random_setup(ctx)
+    abstract = setup.abstract_frozen(mesh)
+    frozen = setup.frozen(mesh, params["unet"], params["vae"], params["text_encoder"])
+    assert jax.tree.structure(abstract) == jax.tree.structure(frozen)
+    for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(frozen)):
+        assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
+    boxed = jax.eval_shape(setup.init, jax.random.PRNGKey(0))
+    rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
+    lowered = setup.step(sharding.logical_shardings(boxed, mesh)).lower(
+        sharding.sharded_abstract(boxed, mesh), common.abstract_batch(ctx, control_case.BATCH), rng, abstract)
+    # The FSDP shardings of the abstract inputs reach the program.
+    assert "mhlo.sharding" in lowered.as_text()

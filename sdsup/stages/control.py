@@ -419,6 +419,7 @@ class Setup:
         return (pending if background else pending.result()), shardings
 
     def frozen(self, mesh, unet_params, vae_params, text_params):
+        """The step's non-trained inputs on `mesh`: frozen weights, the class table, lambda_adv."""
         inits = self.frozen_inits()
         return {
             "unet": common.place(inits["unet"], unet_params, mesh),
@@ -427,6 +428,15 @@ class Setup:
             "class_table": jax.device_put(jnp.asarray(self.table), sharding.replicated(mesh)),
             "lambda_adv": jax.device_put(jnp.float32(self.cfg.lambda_adv), sharding.replicated(mesh)),
         }
+
+    def abstract_frozen(self, mesh):
+        """`frozen`'s shapes, dtypes and shardings, with no weights: lowering the step at any scale."""
+        abstract = {name: sharding.sharded_abstract(jax.eval_shape(init), mesh)
+                    for name, init in self.frozen_inits().items()}
+        replicated = sharding.replicated(mesh)
+        abstract["class_table"] = jax.ShapeDtypeStruct(self.table.shape, jnp.float32, sharding=replicated)
+        abstract["lambda_adv"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+        return abstract
 
     def step(self, shardings, cfg=None):
         """The jitted (not yet compiled) step; `cfg` overrides config.control (benchmarks)."""

@@ -72,6 +72,12 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def sharded_abstract(abstract_boxed: Any, mesh: Mesh, rules: Rules = FSDP_RULES) -> Any:
+    """Unboxed ShapeDtypeStructs carrying the shardings the logical axis names give: what lowering needs."""
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        nn.meta.unbox(abstract_boxed), logical_shardings(abstract_boxed, mesh, rules))
+
+
 # XLA options that trade step speed for compile speed (about 30% shorter compiles on CPU).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -86,9 +92,7 @@ def _sharded_initialiser(init_fn: Callable, mesh: Mesh, args: tuple, rules: Rule
         return nn.meta.unbox(init_fn(*a))
 
     init = jax.jit(init_unboxed, out_shardings=shardings, compiler_options=compiler_options or None)
-    shaped = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          nn.meta.unbox(abstract), shardings)
-    return init, shaped, shardings
+    return init, sharded_abstract(abstract, mesh, rules), shardings
 
 
 def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RULES,
