@@ -162,7 +162,9 @@ def get_config(arg: str = ""):
   # for where things go); False keeps it frozen.
   c.layout.train_text_encoder = True
   # Share of examples trained fully masked: the most probable map's pass (the rest: cosine schedule).
-  c.layout.full_mask_fraction = 0.5
+  # Most probable map mIoU on 500 validation examples: 0.333 at 0.5, 0.339 at 0.75 (300 steps);
+  # 450 steps gave 0.344 at 0.5 and 0.343 at 0.75 but cost 1.3 more minutes.
+  c.layout.full_mask_fraction = 0.75
   # Class-balanced loss (OASIS weights of the batch, to this power; 0 = plain CE): sky and ground
   # fill most pixels, and without it the most probable map holds no things at all.
   c.layout.class_balance = 0.5
