@@ -34,12 +34,16 @@ What the measurement does not see, measured on this machine:
     temporaries with and without `jax.checkpoint`; under `lax.scan` remat
     does cut them, 3.25 GiB -> 0.75 GiB). TPU and GPU keep the barriers, so
     the temporaries here are those of the step without remat.
-  * XLA's buffer report for this step shows the VAE decoder's and the
-    segmenter's 512x512 activations at the global micro-batch (8 examples)
-    on every device: with FSDP-sharded weights and no activation sharding
-    constraints, the SPMD partitioner replicates those activations over the
-    fsdp axis instead of gathering weights. Batch-axis constraints on
-    activations inside the models are the next lever.
+  * XLA:CPU has no bfloat16 convolutions: it converts each bf16 weight back
+    to float32 for them and keeps those copies alive into the backward pass
+    (SD-1.5's UNet alone, gradient at 64x64 latents, batch 1: 7.56 GiB of
+    temporaries with bf16 compute, 4.31 GiB with float32). SDSUP_SCALE_DTYPE=
+    float32 compiles the step with float32 compute for comparison.
+  * Activations stay split over the batch axes inside the models
+    (`partitioning.constrain_batch`). Without that, XLA's buffer report
+    showed the VAE decoder's [8, 512, 512, 256] activations (2 GiB each, the
+    whole micro-batch) all-gathered on every device, because the SPMD
+    partitioner followed the FSDP-sharded weights into the layers.
 
 Runs in a child process: the 8 fake devices must be set before jax starts.
 """

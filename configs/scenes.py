@@ -21,20 +21,20 @@ Stages run in order (`config.stages`); finished ones are skipped on re-runs:
 
 Expected runtime on 2 CPU cores (cold XLA compilation cache; bench/run.py
 --only=smoke_run,default_run measures both):
-  smoke:   183-187 s measured (target 180; compiling ~15 small programs is 2/3 of it,
-           Python and TensorFlow imports 6 s).
-  default: 23.5 minutes measured (vae 2.3, ldm 5.2, layout 4.6, discriminator 0.9,
-           control 7.8 with the adversarial step every 2nd step, evalseg 1.4, evaluate 1.0;
-           3.0 of them compiling train steps); budget 30. Peak RSS 3.1 GiB.
-  The numbers hold with the machine to itself: with a second job on the cores the
-  default run took 38.5 minutes.
+  smoke:   163 s measured (target 180; compiling ~15 small programs is most of it, the
+           sample-grid samplers in the background; Python and TensorFlow imports 6 s).
+  default: 28.1 minutes measured (vae 2.7, ldm 5.3, layout 4.6, discriminator 1.1,
+           control 11.9 with an adversarial step every step, evalseg 1.4, evaluate 1.0;
+           4.0 of them compiling train steps); budget 30. Peak RSS 4.0 GiB.
+  The numbers hold with the machine to itself: a second job on the cores slows the run
+  far beyond the budget (38.5 minutes for the 23.5-minute configuration before).
 Expected result: every stage's DONE.json, WORKDIR/metrics.json and
 WORKDIR/report.md, and the pictures each stage leaves (README, "Stages").
-Default run, test split: layout mIoU 0.330 for the most probable map
-(retrieval 0.253, majority 0.105, oracle 0.749), sampled maps 0.300 with
-46% of the caption's relations satisfied; image mIoU by the evaluation
-segmenter 0.377 on ground-truth layouts with ALDM (plain conditioner 0.346, text only
-0.299; real images 0.834 on validation).
+Default run, test split: layout mIoU 0.341 for the most probable map
+(retrieval 0.253, majority 0.105, oracle 0.749), sampled maps 0.305 with
+41% of the caption's relations satisfied; image mIoU by the evaluation
+segmenter 0.389 on ground-truth layouts with ALDM (plain conditioner 0.351, text only
+0.300; real images 0.820).
 The smoke run's pictures are noise-like (tens of steps): it checks the plumbing.
 """
 
