@@ -39,11 +39,13 @@ What the measurement does not see, measured on this machine:
     (SD-1.5's UNet alone, gradient at 64x64 latents, batch 1: 7.56 GiB of
     temporaries with bf16 compute, 4.31 GiB with float32). SDSUP_SCALE_DTYPE=
     float32 compiles the step with float32 compute for comparison.
-  * Activations stay split over the batch axes inside the models
-    (`partitioning.constrain_batch`). Without that, XLA's buffer report
-    showed the VAE decoder's [8, 512, 512, 256] activations (2 GiB each, the
-    whole micro-batch) all-gathered on every device, because the SPMD
-    partitioner followed the FSDP-sharded weights into the layers.
+  * XLA's buffer report for this step shows the VAE decoder's
+    [8, 512, 512, 256] activations (2 GiB each, the whole micro-batch) and
+    the decoder upsampler's [8, 257, 257, 1024] phase outputs all-gathered on
+    every device: the SPMD partitioner follows the FSDP-sharded weights into
+    the layers. Batch-axis sharding constraints on every conv, resnet,
+    transformer and segmenter block output were tried and measured WORSE
+    (22.93 GiB per chip against 20.21), so they are not in the models.
 
 Runs in a child process: the 8 fake devices must be set before jax starts.
 """

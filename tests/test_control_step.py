@@ -238,7 +238,6 @@ def test_the_step_lowers_from_shapes_alone_as_the_scale_benchmark_does():
     rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
     lowered = setup.step(sharding.logical_shardings(boxed, mesh)).lower(
         sharding.sharded_abstract(boxed, mesh), common.abstract_batch(ctx, control_case.BATCH), rng, abstract)
-    # The FSDP shardings of the abstract inputs reach the program (Shardy's notation), and so do the
-    # batch constraints on activations inside the models.
+    # The FSDP shardings of the abstract parameters and the batch's split reach the program (Shardy's notation).
     text = lowered.as_text()
     assert '{"fsdp"}' in text and '{"data", "fsdp"}' in text

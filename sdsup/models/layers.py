@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup.models.partitioning import BIAS, CONV_KERNEL, DENSE_KERNEL, NORM_PARAM, constrain_batch, with_axes
+from sdsup.models.partitioning import BIAS, CONV_KERNEL, DENSE_KERNEL, NORM_PARAM, with_axes
 
 Dtype = Any
 Array = jax.Array
@@ -196,7 +196,7 @@ class Conv(nn.Module):
             y = convolution(x, kernel, strides, padding)
         if bias is not None:
             y = y + bias.astype(self.dtype)
-        return constrain_batch(y)
+        return y
 
 
 def _dense_params(module: nn.Module, in_features: int, features: int, use_bias: bool, param_dtype, kernel_init):
@@ -771,12 +771,12 @@ class Transformer2DModel(nn.Module):
                 attention_impl=self.attention_impl,
                 name=f"transformer_blocks_{i}",
                 **kw,
-            )(constrain_batch(h), context)
+            )(h, context)
         if self.use_linear_projection:
             h = Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wdt, c)
         else:
             h = Conv(c, (1, 1), padding="VALID", name="proj_out", **kw)(h.reshape(b, hgt, wdt, inner))
-        return constrain_batch(h + residual)
+        return h + residual
 
 
 # ---------------------------------------------------------------------------
@@ -821,7 +821,7 @@ class ResnetBlock2D(nn.Module):
         out = x.astype(self.dtype) + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
-        return constrain_batch(out)
+        return out
 
 
 class Downsample2D(nn.Module):
@@ -897,4 +897,4 @@ class Upsample2D(nn.Module):
             return Conv(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
         kernel, bias = ConvParams(self.out_channels, param_dtype=self.param_dtype, name="conv")(c)
         y = upsample2x_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
-        return constrain_batch(y + bias.astype(self.dtype))
+        return y + bias.astype(self.dtype)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup.models.partitioning import BIAS, CONV_KERNEL, NORM_PARAM, constrain_batch, with_axes
+from sdsup.models.partitioning import BIAS, CONV_KERNEL, NORM_PARAM, with_axes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -388,7 +388,7 @@ class ConvNorm(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = _conv(self.features, self.kernel, self.stride, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x, train)
-        return constrain_batch(nn.relu(x) if self.relu else x)
+        return nn.relu(x) if self.relu else x
 
 
 class ResNetBlock(nn.Module):
@@ -417,7 +417,7 @@ class ResNetBlock(nn.Module):
         else:
             h = ConvNorm(self.features, 3, self.stride, name="layer_0", **kw)(x, train)
             h = ConvNorm(self.features, 3, relu=False, name="layer_1", **kw)(h, train)
-        return constrain_batch(nn.relu(h + residual))
+        return nn.relu(h + residual)
 
 
 def _remat(cls, remat: bool):
@@ -563,7 +563,7 @@ class UperNetSegmenter(nn.Module):
         size = images.shape[1:3]
         hidden = self.backbone(self.normalize(images), train)
         features = [hidden[i] for i in cfg.feature_indices]
-        logits = constrain_batch(resize_bilinear(self.decode_head(features, train).astype(jnp.float32), size))
+        logits = resize_bilinear(self.decode_head(features, train).astype(jnp.float32), size)
         aux = None
         if cfg.use_auxiliary_head:
             aux = resize_bilinear(self.auxiliary_head(features[AUX_IN_INDEX], train).astype(jnp.float32), size)

@@ -34,7 +34,6 @@ Leaves `WORKDIR/control/controlnet/` (EMA weights), `.../discriminator/`,
 from __future__ import annotations
 
 import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +45,6 @@ from sdsup.diffusion import samplers
 from sdsup.diffusion import schedule as schedule_lib
 from sdsup.models import controlnet as controlnet_lib
 from sdsup.models import io as model_io
-from sdsup.models import partitioning
 from sdsup.models.clip_text import CLIPTextTransformer
 from sdsup.models.controlnet import ControlNetConfig, ControlNetModel
 from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
@@ -249,12 +247,6 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
                               "seg/acc_real": acc_real, "seg/acc_fake": acc_fake})
 
     def step(state, batch, rng, frozen):
-        if mesh is None:
-            return step_body(state, batch, rng, frozen)
-        with partitioning.batch_sharded_activations(mesh, parallel.BATCH_AXES):
-            return step_body(state, batch, rng, frozen)
-
-    def step_body(state, batch, rng, frozen):
         rng_z, rng_drop, rng_noise, rng_adv = jax.random.split(rng, 4)
         step_no = state["step"]
         x = common.images_to_float(batch["image"])
