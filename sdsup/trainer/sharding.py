@@ -85,14 +85,14 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 def _sharded_initialiser(init_fn: Callable, mesh: Mesh, args: tuple, rules: Rules,
                          compiler_options: Optional[dict]) -> Tuple[Callable, Any, Any]:
     """(jitted unboxing initialiser, abstract unboxed state with shardings, shardings)."""
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_shardings(abstract, mesh, rules)
+    abstract = sharded_abstract(jax.eval_shape(init_fn, *args), mesh, rules)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
 
     def init_unboxed(*a):
         return nn.meta.unbox(init_fn(*a))
 
     init = jax.jit(init_unboxed, out_shardings=shardings, compiler_options=compiler_options or None)
-    return init, sharded_abstract(abstract, mesh, rules), shardings
+    return init, abstract, shardings
 
 
 def create_sharded(init_fn: Callable, mesh: Mesh, *args, rules: Rules = FSDP_RULES,
