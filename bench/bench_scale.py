@@ -39,13 +39,14 @@ What the measurement does not see, measured on this machine:
     (SD-1.5's UNet alone, gradient at 64x64 latents, batch 1: 7.56 GiB of
     temporaries with bf16 compute, 4.31 GiB with float32). SDSUP_SCALE_DTYPE=
     float32 compiles the step with float32 compute for comparison.
-  * XLA's buffer report for this step shows the VAE decoder's
+  * The SPMD partitioner follows FSDP-sharded weights into the layers: with
+    the VAE's weights left sharded, XLA's buffer report showed the decoder's
     [8, 512, 512, 256] activations (2 GiB each, the whole micro-batch) and
-    the decoder upsampler's [8, 257, 257, 1024] phase outputs all-gathered on
-    every device: the SPMD partitioner follows the FSDP-sharded weights into
-    the layers. Batch-axis sharding constraints on every conv, resnet,
-    transformer and segmenter block output were tried and measured WORSE
-    (22.93 GiB per chip against 20.21), so they are not in the models.
+    its upsampler's [8, 257, 257, 1024] phase outputs all-gathered on every
+    device (20.21 GiB per chip). The step now gathers the VAE's 83M weights
+    before use (`sharding.gathered`): 16.98 GiB. Batch-axis sharding
+    constraints on every block output inside the models were tried instead
+    and measured worse (22.93 GiB), so they are not in the models.
 
 Runs in a child process: the 8 fake devices must be set before jax starts.
 """

@@ -247,6 +247,8 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
                               "seg/acc_real": acc_real, "seg/acc_fake": acc_fake})
 
     def step(state, batch, rng, frozen):
+        # The VAE runs at image resolution: gather its weights (83M) rather than its activations.
+        frozen = dict(frozen, vae=sharding.gathered(frozen["vae"], mesh))
         rng_z, rng_drop, rng_noise, rng_adv = jax.random.split(rng, 4)
         step_no = state["step"]
         x = common.images_to_float(batch["image"])

@@ -155,6 +155,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def gathered(tree: Any, mesh: Optional[Mesh]) -> Any:
+    """`tree` (inside a jitted step) whole on every device: FSDP's gather-before-use, said explicitly.
+
+    For a model whose activations dwarf its weights (the VAE at image
+    resolution), the SPMD partitioner may otherwise follow the sharded
+    weights into the layers and all-gather the activations instead. Measured
+    (SD's VAE decoder, gradient at 512x512, batch 8 on an 8-device fsdp mesh,
+    per device): 9.63 GiB of temporaries with the weights left sharded, 3.12
+    GiB gathered, the same as replicated weights; the stored shard is
+    unchanged. No-op without a mesh.
+    """
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+
+
 def host_copy(tree: Any) -> Any:
     """The whole of a (possibly multi-process sharded) tree as host numpy arrays.
 
