@@ -171,6 +171,10 @@ def get_config(arg: str = ""):
   c.layout.ema_decay = 0.99 if smoke else 0.995
   c.layout.optimizer = ml_collections.ConfigDict(dict(
       lr=2e-3, schedule="warmup_cosine", warmup_steps=5 if smoke else 30, weight_decay=0.0, grad_clip=1.0))
+  # The most probable map at the image size: its logits resized by this `jax.image.resize` method
+  # before the argmax ("nearest" repeats the model's pixels). Map mIoU on 500 validation examples
+  # (default run, guidance 2): nearest 0.339, linear 0.348, cubic 0.354, lanczos3 0.357.
+  c.layout.map_upsample = "lanczos3"
   # Confidence-ordered unmasking: passes, draw temperature, CFG scale on the logits.
   c.layout.sampling = ml_collections.ConfigDict(dict(steps=4 if smoke else 8, temperature=1.0, guidance=2.0))
   # Evaluation at the end of the stage (metrics.json, report.md): examples per split, sample seeds.

@@ -156,6 +156,11 @@ def _validate_layout(config) -> None:
     if "full_mask_fraction" in c:
         _number_in(config, "layout.full_mask_fraction", 0.0, 1.0)
     _number_in(config, "layout.sampling.guidance", 0.0, float("inf"))
+    if "map_upsample" in c:
+        from sdsup.diffusion.masked import UPSAMPLE_METHODS
+
+        _require(c.map_upsample in UPSAMPLE_METHODS, "layout.map_upsample", f"must be one of {UPSAMPLE_METHODS}",
+                 c.map_upsample)
 
 
 def _validate_evaluate(config) -> None:

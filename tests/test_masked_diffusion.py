@@ -77,6 +77,28 @@ def test_most_probable_map_is_the_argmax_of_one_all_masked_pass():
     assert len(calls) == 1
 
 
+def test_the_most_probable_map_upsamples_its_logits():
+    # Two classes split down the middle, and one pixel of class 1 inside class 0.
+    target = np.zeros((1, 8, 8), np.int32)
+    target[:, :, 4:] = 1
+    target[:, 2, 1] = 1
+    fn = _oracle_logits(jnp.asarray(target))
+    near = np.asarray(masked.most_probable_map(fn, target.shape, N, upsample=4, method="nearest"))
+    np.testing.assert_array_equal(near, masked.upsample_labels(target, 4))
+    for method in ("linear", "cubic", "lanczos3"):
+        smooth = np.asarray(masked.most_probable_map(fn, target.shape, N, upsample=4, method=method))
+        assert smooth.shape == (1, 32, 32)
+        # A straight edge between blocks stays where it was ...
+        np.testing.assert_array_equal(smooth[:, 12:, :], near[:, 12:, :])
+        # ... and a lone pixel keeps its centre; linear interpolation rounds its block's corners off.
+        blob = smooth[0, 8:12, 4:8]
+        assert blob[1:3, 1:3].all() and smooth[0].sum() == near[0].sum() - 16 + blob.sum(), method
+        if method == "linear":
+            assert blob.sum() == 12 and not blob[0, 0], blob
+    with pytest.raises(ValueError, match="upsampling method"):
+        masked.most_probable_map(fn, target.shape, N, upsample=4, method="area")
+
+
 @pytest.mark.parametrize("steps", [1, 3, 8])
 def test_sampling_unmasks_everything_and_keeps_what_it_fixed(steps):
     target = _labels(seed=1)

@@ -55,6 +55,7 @@ def test_shipped_configs_validate(arg):
     ("stages", ("data", "vae", "ldm", "control"), "config.control.discriminator_init is 'stage', so config.stages "
                                                   "must run 'discriminator' before 'control'"),
     ("discriminator.input", "fakes", "config.discriminator.input must be 'image' or 'reconstruction'"),
+    ("layout.map_upsample", "bicubic", "config.layout.map_upsample must be one of ('nearest', 'linear', "),
     ("evalseg.class_balance", 2.0, "config.evalseg.class_balance must be a number in [0.0, 1.0]"),
 ])
 def test_bad_values_name_their_key(key, value, message):

@@ -200,17 +200,22 @@ def generate(ctx: stages.Context, models: dict, tokens, rng, mode: str = "sample
     guidance = float(s.guidance if guidance is None else guidance)
     config, params = models["layout"]
     text_config, text_params = models["text_encoder"]
-    key = ("layout_sampler", config, text_config, mode, steps, temperature, guidance)
+    # The most probable map is upsampled inside the sampler (from its logits); sampled maps repeat pixels.
+    factor = downsample_factor(ctx) if full_size else 1
+    in_sampler = factor if mode == "map" else 1
+    key = ("layout_sampler", config, text_config, mode, steps, temperature, guidance, in_sampler)
     if key not in ctx.cache:
-        ctx.cache[key] = common.jit(_sampler(ctx, config, text_config, mode, steps, temperature, guidance), ctx)
+        ctx.cache[key] = common.jit(_sampler(ctx, config, text_config, mode, steps, temperature, guidance,
+                                             in_sampler), ctx)
     tok = common.tokenizer(ctx)
     tokens = jnp.asarray(tokens)
     empty = jnp.broadcast_to(jnp.asarray(tok.encode("")), tokens.shape)
     ids = np.asarray(ctx.cache[key](params, text_params, tokens, empty, rng))
-    return masked.upsample_labels(ids, downsample_factor(ctx)) if full_size else ids
+    return masked.upsample_labels(ids, factor // in_sampler)
 
 
-def _sampler(ctx, config: LayoutConfig, text_config, mode: str, steps: int, temperature: float, guidance: float):
+def _sampler(ctx, config: LayoutConfig, text_config, mode: str, steps: int, temperature: float, guidance: float,
+             upsample: int = 1):
     model, text_model = LayoutModel(config), CLIPTextTransformer(text_config)
     pad = ldm_stage.mask_pad_id(common.tokenizer(ctx))
     n = config.num_classes
@@ -229,7 +234,8 @@ def _sampler(ctx, config: LayoutConfig, text_config, mode: str, steps: int, temp
 
         shape = (b, config.resolution, config.resolution)
         if mode == "map":
-            return masked.most_probable_map(logits_fn, shape, n)
+            return masked.most_probable_map(logits_fn, shape, n, upsample, ctx.config.layout.get("map_upsample",
+                                                                                                  "nearest"))
         return masked.sample_maps(logits_fn, rng, shape, n, steps, temperature)
 
     return run
