@@ -14,13 +14,17 @@ and everything else live at the peak) and cost analysis (FLOPs per step on
 one device; both branches of the lazy `cond` are in the program, so this is
 an upper bound of a plain step and a lower bound of a lazy one).
 
-Extrapolation to a 256-chip pod at batch 4 per chip: the per-device shard of
-every state/frozen leaf is recomputed exactly for fsdp=256 with the same
-sharding rules (leaves whose dimensions 256 does not divide stay
-replicated), and the temporaries are taken as measured at fsdp=8 with the
-same per-device batch (FSDP gathers one layer's weights at a time, so they
-do not shrink with more chips). XLA:CPU's fusion and layouts differ from
-TPU/GPU, so this is an estimate, not a TPU measurement.
+Extrapolation to a 256-chip pod at batch 4 per chip: the per-chip shard of
+every state/frozen leaf is recomputed exactly for each (data, fsdp)
+factorisation of 256 chips with fsdp >= 8 (the batch over data x fsdp, the
+weights sharded over fsdp by the same rules; a leaf none of whose sharded
+dimensions the fsdp size divides stays replicated, as SD's 320- and
+640-channel layers do at fsdp=256), and the least is taken: data=4 x
+fsdp=64 (0.16 GiB per chip, against 1.11 at fsdp=256). The temporaries are
+taken as measured at fsdp=8 with the same per-device batch (FSDP gathers
+each layer's weights whole, so they do not shrink with more chips). XLA:CPU's
+fusion and layouts differ from TPU/GPU, so this is an estimate, not a TPU
+measurement.
 
 Batch 4 per device runs as 4 micro-batches of 1 (`control.micro_batches`),
 with the discriminator's blocks and the VAE decoder's layers rematerialised.
@@ -38,13 +42,20 @@ What the measurement does not see, measured on this machine:
     to float32 for them and keeps those copies alive into the backward pass
     (SD-1.5's UNet alone, gradient at 64x64 latents, batch 1: 7.56 GiB of
     temporaries with bf16 compute, 4.31 GiB with float32). SDSUP_SCALE_DTYPE=
-    float32 compiles the step with float32 compute for comparison.
+    float32 compiles the step with float32 compute for comparison. In the
+    buffer report of the current step, 6.4 GiB of the 17.1 GiB live at the
+    peak are such float32 copies (`convert_convert` fusions).
   * The SPMD partitioner follows FSDP-sharded weights into the layers: with
     the VAE's weights left sharded, XLA's buffer report showed the decoder's
     [8, 512, 512, 256] activations (2 GiB each, the whole micro-batch) and
     its upsampler's [8, 257, 257, 1024] phase outputs all-gathered on every
     device (20.21 GiB per chip). The step now gathers the VAE's 83M weights
-    before use (`sharding.gathered`): 16.98 GiB. Batch-axis sharding
+    before use (`sharding.gathered`): 16.98 GiB; and the segmenter's 64M:
+    15.87 -> 15.35 GiB of temporaries. The UNet's activations are still
+    gathered for the whole micro-batch; gathering each layer's weights
+    instead (inside its remat block) measured worse here (UNet gradient,
+    batch 8 on fsdp=8: 9.44 GiB against 5.95), since XLA:CPU keeps every
+    gathered weight alive into the backward pass. Batch-axis sharding
     constraints on every block output inside the models were tried instead
     and measured worse (22.93 GiB), so they are not in the models.
 
@@ -114,21 +125,17 @@ def _shard_bytes(abstract_boxed, mesh_like) -> int:
     return total
 
 
-def child() -> dict:
-    import flax.linen as nn
+def _build(mesh):
+    """(config, setup, boxed train state, boxed frozen weights, class table) of the SD-1.5 control step."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sdsup import parallel, stages
+    from sdsup import stages
     from sdsup.data import registry, tokenizers
     from sdsup.models import clip_text, unet, vae
-    from sdsup.stages import common, control
-    from sdsup.trainer import sharding
+    from sdsup.stages import control
 
     config = _config()
-    mesh = parallel.make_mesh({"data": 1, "fsdp": FAKE_DEVICES})
     ctx = stages.Context(config=config, workdir="/nonexistent", mesh=mesh)
     num_classes = 150  # ADE20K
     spec = registry.DatasetSpec(
@@ -144,20 +151,49 @@ def child() -> dict:
         config.vae.model = {k: v for k, v in vae_config.__dict__.items() if k != "sample_size"}
     table = np.zeros((num_classes, text_config.hidden_size), np.float32)
     setup = control.Setup(ctx, spec, tok, unet_config, vae_config, text_config, table)
-
     boxed_state = jax.eval_shape(setup.init, jax.random.PRNGKey(0))
+    boxed_frozen = {name: jax.eval_shape(init) for name, init in setup.frozen_inits().items()}
+    return config, setup, boxed_state, boxed_frozen, table
+
+
+def pod_meshes():
+    """Every (data, fsdp) factorisation of the pod, fsdp >= the fake mesh's: per-chip state bytes differ.
+
+    FSDP leaves a leaf replicated where the fsdp size divides none of its
+    sharded dimensions (SD's 320- and 640-channel layers at fsdp=256), so a
+    hybrid mesh (fsdp within groups of chips, data across them) can hold
+    less per chip than fsdp over the whole pod.
+    """
+    out, f = [], FAKE_DEVICES
+    while f <= POD_CHIPS:
+        out.append(_MeshShape(data=POD_CHIPS // f, fsdp=f, tensor=1))
+        f *= 2
+    return out
+
+
+def child() -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sdsup import parallel
+    from sdsup.stages import common
+    from sdsup.trainer import sharding
+
+    mesh = parallel.make_mesh({"data": 1, "fsdp": FAKE_DEVICES})
+    config, setup, boxed_state, boxed_frozen, table = _build(mesh)
     state_shardings = sharding.logical_shardings(boxed_state, mesh)
     state = sharding.sharded_abstract(boxed_state, mesh)
     frozen = setup.abstract_frozen(mesh)
-    boxed_frozen = {name: jax.eval_shape(init) for name, init in setup.frozen_inits().items()}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
-    batch = common.abstract_batch(ctx, config.control.batch_size)
+    batch = common.abstract_batch(setup.ctx, config.control.batch_size)
 
     start = time.perf_counter()
     lowered = setup.step(state_shardings).lower(state, batch, rng, frozen)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile(compiler_options=common.compiler_options(ctx))
+    compiled = lowered.compile(compiler_options=common.compiler_options(setup.ctx))
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     analysis = compiled.cost_analysis()
@@ -166,10 +202,14 @@ def child() -> dict:
     flops = float(analysis.get("flops", 0.0)) if analysis else None
 
     gib = 2.0 ** 30
-    pod = _MeshShape(data=1, fsdp=POD_CHIPS, tensor=1)
     eight = _MeshShape(data=1, fsdp=FAKE_DEVICES, tensor=1)
     boxed_all = {"state": boxed_state, "frozen": boxed_frozen}
-    args_pod = _shard_bytes(boxed_all, pod) + table.nbytes
+    # Temporaries depend on the per-device batch, not on the mesh's shape (each layer's weights are gathered
+    # whole either way), so the pod's layout is the factorisation holding the least state per chip.
+    args_by_mesh = {f"data{m.shape['data']}_fsdp{m.shape['fsdp']}": _shard_bytes(boxed_all, m) + table.nbytes
+                    for m in pod_meshes()}
+    pod_mesh = min(args_by_mesh, key=args_by_mesh.get)
+    args_pod = args_by_mesh[pod_mesh]
     args_eight = _shard_bytes(boxed_all, eight) + table.nbytes
     temp = mem.temp_size_in_bytes
     total_pod = args_pod + temp
@@ -184,7 +224,8 @@ def child() -> dict:
                                  "arguments_from_rules": round(args_eight / gib, 2),
                                  "temporaries": round(temp / gib, 2), "outputs": round(mem.output_size_in_bytes / gib, 2),
                                  "aliased": round(mem.alias_size_in_bytes / gib, 2)},
-        "per_chip_256_gib": {"arguments": round(args_pod / gib, 3), "temporaries": round(temp / gib, 2)},
+        "per_chip_256_gib": {"mesh": pod_mesh, "arguments": round(args_pod / gib, 3), "temporaries": round(temp / gib, 2),
+                             "arguments_by_mesh": {k: round(v / gib, 3) for k, v in args_by_mesh.items()}},
         "tflops_per_device_step": round(flops / 1e12, 2) if flops else None,
         "parameters_millions": {"trainable_controlnet": round(count(boxed_state["gen"]["params"]) / 1e6, 1),
                                 "trainable_segmenter": round(count(boxed_state["seg"]["params"]) / 1e6, 1),

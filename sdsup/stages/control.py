@@ -264,16 +264,19 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         adv_weight = frozen["lambda_adv"] * ramp(step_no, cfg.ramp_start, cfg.ramp_end)
         seg_state = state["seg"]
 
+        # Like the VAE, the segmenter runs at image resolution: its weights are used gathered.
+        seg_params = sharding.gathered(seg_state["params"], mesh)
+
         def lazy_micro(batch_stats, mb, rng):
             """Generator gradients, segmenter gradients and metrics of one micro-batch."""
             mb = on_batch_axes(mb)
-            seg_vars = {"params": seg_state["params"], "batch_stats": batch_stats}
+            seg_vars = {"params": seg_params, "batch_stats": batch_stats}
             (_, (x_fake, gen_metrics)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(
                 gen_params, seg_vars, frozen, mb, adv_weight, rng)
             x_fake = on_batch_axes(x_fake)
             x_real = on_batch_axes(decode(frozen["vae"], mb["z_real"]))
             (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-                seg_state["params"], batch_stats, x_real, x_fake, mb["labels"], mb["weights"])
+                seg_params, batch_stats, x_real, x_fake, mb["labels"], mb["weights"])
             return stats, (dict(gen_metrics, **seg_metrics), gen_grads, seg_grads)
 
         def lazy_branch(_):
