@@ -231,10 +231,13 @@ def get_config(arg: str = ""):
   # Re-run on a fresh default run (same config): plain 0.370 / 4.40; lambda_adv 20 0.396 / 3.97;
   #   lambda_adv 50 0.399 / 3.82; lambda_adv 20 with the ramp at 20->60 0.385 / 4.05 (all n_lazy 2, K 2).
   #   lambda_adv 20, n_lazy 1, K 2           0.409 / 3.62
+  #   lambda_adv 50 / 100, n_lazy 1, K 2     0.418 / 3.62, 0.413 / 3.54
+  #   lambda_adv 20, n_lazy 1, K 0           0.405 / 3.99
+  #   lambda_adv 20, n_lazy 1, segmenter lr 1e-4 (not 1e-3)  0.408 / 3.44
   # With 25 adversarial updates the term cannot move the images whatever its weight; with 100 it
   # does, and with 200 (a lazy step every step) more. K 2 keeps the lazy step affordable (the VAE
   # decoder runs K + 2 times in it).
-  c.control.lambda_adv = 20.0
+  c.control.lambda_adv = 50.0
   c.control.lambda_fake = 0.001
   c.control.n_lazy = 2 if smoke else 1  # smoke: both branches of the step run
   c.control.grid_steps = 10 if smoke else 25
