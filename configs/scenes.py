@@ -30,10 +30,10 @@ Expected runtime on 2 CPU cores (cold XLA compilation cache; bench/run.py
   far beyond the budget (38.5 minutes for the 23.5-minute configuration before).
 Expected result: every stage's DONE.json, WORKDIR/metrics.json and
 WORKDIR/report.md, and the pictures each stage leaves (README, "Stages").
-Default run, test split: layout mIoU 0.341 for the most probable map
+Default run, test split: layout mIoU 0.356 for the most probable map
 (retrieval 0.253, majority 0.105, oracle 0.749), sampled maps 0.305 with
 41% of the caption's relations satisfied; image mIoU by the evaluation
-segmenter 0.389 on ground-truth layouts with ALDM (plain conditioner 0.351, text only
+segmenter 0.393 on ground-truth layouts with ALDM (plain conditioner 0.351, text only
 0.300; real images 0.820).
 The smoke run's pictures are noise-like (tens of steps): it checks the plumbing.
 """
