@@ -202,7 +202,6 @@ def child() -> dict:
     flops = float(analysis.get("flops", 0.0)) if analysis else None
 
     gib = 2.0 ** 30
-    eight = _MeshShape(data=1, fsdp=FAKE_DEVICES, tensor=1)
     boxed_all = {"state": boxed_state, "frozen": boxed_frozen}
     # Temporaries depend on the per-device batch, not on the mesh's shape (each layer's weights are gathered
     # whole either way), so the pod's layout is the factorisation holding the least state per chip.
@@ -210,7 +209,7 @@ def child() -> dict:
                     for m in pod_meshes()}
     pod_mesh = min(args_by_mesh, key=args_by_mesh.get)
     args_pod = args_by_mesh[pod_mesh]
-    args_eight = _shard_bytes(boxed_all, eight) + table.nbytes
+    args_eight = args_by_mesh[f"data{POD_CHIPS // FAKE_DEVICES}_fsdp{FAKE_DEVICES}"]  # data does not shard state
     temp = mem.temp_size_in_bytes
     total_pod = args_pod + temp
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree)))

@@ -34,6 +34,7 @@ Leaves `WORKDIR/control/controlnet/` (EMA weights), `.../discriminator/`,
 from __future__ import annotations
 
 import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
