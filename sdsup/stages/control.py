@@ -265,30 +265,31 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
         adv_weight = frozen["lambda_adv"] * ramp(step_no, cfg.ramp_start, cfg.ramp_end)
         seg_state = state["seg"]
 
-        # Like the VAE, the segmenter runs at image resolution: its weights are used gathered.
-        seg_params = sharding.gathered(seg_state["params"], mesh)
-
-        def lazy_micro(batch_stats, mb, rng):
-            """Generator gradients, segmenter gradients and metrics of one micro-batch."""
-            mb = on_batch_axes(mb)
-            seg_vars = {"params": seg_params, "batch_stats": batch_stats}
-            (_, (x_fake, gen_metrics)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(
-                gen_params, seg_vars, frozen, mb, adv_weight, rng)
-            x_fake = on_batch_axes(x_fake)
-            x_real = on_batch_axes(decode(frozen["vae"], mb["z_real"]))
-            (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-                seg_params, batch_stats, x_real, x_fake, mb["labels"], mb["weights"])
-            return stats, (dict(gen_metrics, **seg_metrics), gen_grads, seg_grads)
-
         def lazy_branch(_):
+            # Like the VAE, the segmenter runs at image resolution: its weights are used gathered
+            # (here, inside the lazy branch, so that plain steps do not gather them).
+            seg_params = sharding.gathered(seg_state["params"], mesh)
+
+            def lazy_micro(batch_stats, mb, rng):
+                """Generator gradients, segmenter gradients and metrics of one micro-batch."""
+                mb = on_batch_axes(mb)
+                seg_vars = {"params": seg_params, "batch_stats": batch_stats}
+                (_, (x_fake, gen_metrics)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+                    gen_params, seg_vars, frozen, mb, adv_weight, rng)
+                x_fake = on_batch_axes(x_fake)
+                x_real = on_batch_axes(decode(frozen["vae"], mb["z_real"]))
+                (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+                    seg_params, batch_stats, x_real, x_fake, mb["labels"], mb["weights"])
+                return stats, (dict(gen_metrics, **seg_metrics), gen_grads, seg_grads)
+
             # Class balancing from the whole batch's frequencies, as ALDM does per batch.
             weights = segmentation.class_balance_weights(labels, num_classes, ignore, num_classes + 1)
             lazy_batch = {"z0": z0, "context": context, "hint": hint, "labels": labels, "weights": weights,
                           "z_real": vae.scale_latents(posterior.mode())}
             stats, (metrics, gen_grads, seg_grads) = common.scan_micro_batches(
                 lazy_micro, seg_state["batch_stats"], lazy_batch, rng_adv, cfg.micro_batches)
-            seg_params, opt, _ = common.apply_gradients(seg_tx, seg_state["params"], seg_state["opt"], seg_grads)
-            new_seg = {"params": seg_params, "batch_stats": stats, "opt": opt}
+            updated, opt, _ = common.apply_gradients(seg_tx, seg_state["params"], seg_state["opt"], seg_grads)
+            new_seg = {"params": updated, "batch_stats": stats, "opt": opt}
             # Before seg_start the segmenter's update is computed but not applied.
             active = step_no >= cfg.seg_start
             new_seg = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_seg, seg_state)
