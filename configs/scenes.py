@@ -242,6 +242,7 @@ def get_config(arg: str = ""):
   c.control.n_lazy = 2 if smoke else 1  # smoke: both branches of the step run
   c.control.grid_steps = 10 if smoke else 25
   c.control.unroll_steps = 1 if smoke else 2
+  c.control.unroll_stride = 1  # grid steps per unrolled step (ALDM: 1)
   c.control.ramp_start = 2 if smoke else 60
   c.control.ramp_end = 4 if smoke else 120
   c.control.seg_start = 0

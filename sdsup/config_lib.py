@@ -123,6 +123,8 @@ def _validate_control(config) -> None:
         _positive_int(config, f"control.{key}")
     _require(isinstance(c.unroll_steps, int) and 0 <= c.unroll_steps < c.grid_steps, "control.unroll_steps",
              f"must be in [0, control.grid_steps={c.grid_steps})", c.unroll_steps)
+    if "unroll_stride" in c:
+        _positive_int(config, "control.unroll_stride")
     for key in ("lambda_adv", "lambda_fake"):
         _number_in(config, f"control.{key}", 0.0, float("inf"))
     _require(isinstance(c.ramp_start, int) and 0 <= c.ramp_start <= c.ramp_end, "control.ramp_start",

@@ -103,6 +103,15 @@ def test_two_processes_match_one_process(one_device, two_processes):
     _assert_same(result["history"], [final], one_device[0], [one_device[1][-1]])
 
 
+def test_unrolled_steps_stride_over_the_grid_and_stop_at_its_end():
+    from sdsup.stages import control
+
+    k = np.array([2, 5, 24])
+    steps = lambda stride, n: np.stack([np.asarray(control.unrolled_index(k, i, stride)) for i in range(n)])
+    np.testing.assert_array_equal(steps(1, 2), [[1, 4, 23], [0, 3, 22]])  # ALDM: consecutive grid steps
+    np.testing.assert_array_equal(steps(3, 2), [[0, 2, 21], [0, 0, 18]])
+
+
 def test_segmenter_schedule_spans_its_own_updates():
     """The segmenter steps on lazy steps from seg_start on; its one-cycle schedule spans those updates."""
     from sdsup import stages

@@ -46,6 +46,7 @@ def test_shipped_configs_validate(arg):
     ("text.tokenizer", "bert", "config.text.tokenizer must be"),
     ("control.micro_batches", 3, "config.control.micro_batches must divide control.batch_size=8"),
     ("control.unroll_steps", 10, "config.control.unroll_steps must be in [0, control.grid_steps=10)"),
+    ("control.unroll_stride", 0, "config.control.unroll_stride must be a positive integer"),
     ("control.lambda_adv", -0.5, "config.control.lambda_adv must be a number in [0.0, inf]"),
     ("control.layout_encoding", "rgb", "config.control.layout_encoding must be"),
     ("control.discriminator_dtype", "float16", "config.control.discriminator_dtype must be 'float32' or 'bfloat16'"),

@@ -10,8 +10,10 @@ is the discriminator. Everything happens in ONE jitted, sharded step:
                     gradient gives both the noise loss and x0_hat (as in
                     ALDM's reference code), x0_hat is decoded with the frozen
                     VAE decoder (gradients flow through it, rematerialised),
-                    K more DDIM steps are unrolled WITHOUT gradient, and every
-                    decoded x0 is scored with the segmenter:
+                    K more DDIM steps are unrolled WITHOUT gradient (each
+                    `unroll_stride` grid steps long, stopping at the grid's
+                    last step; ALDM: 1), and every decoded x0 is scored with
+                    the segmenter:
                       l_i(p) = class-balanced CE(D(decode(x0_i)), y)(p)
                       L_adv  = mean_p l_0(p) * sg(mean_i l_i(p) / l_0(p))
                     (the value averages the K+1 steps, the gradient flows
@@ -130,6 +132,16 @@ def ramp(step, start: int, end: int):
     return jnp.clip((step - start) / (end - start), 0.0, 1.0)
 
 
+def unrolled_index(k, i, stride: int):
+    """Grid index of the (i+1)-th unrolled DDIM step from index k, `stride` grid steps per step.
+
+    k >= K > i, so with stride 1 (ALDM) this never leaves the grid; longer
+    strides stop at its last step (index 0), where a further DDIM step changes
+    nothing and that estimate counts again.
+    """
+    return jnp.maximum(k - (i + 1) * stride, 0)
+
+
 def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, schedule, spec, hint_fn,
               empty_tokens, pad_id, shardings, mesh=None):
     num_classes, ignore = spec.num_classes, spec.ignore_id
@@ -158,6 +170,10 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
     unroll = int(cfg.unroll_steps)
     if not 0 <= unroll < cfg.grid_steps:
         raise ValueError(f"control.unroll_steps={unroll} must be in [0, grid_steps={cfg.grid_steps})")
+    # Grid steps per unrolled step: K steps of stride s look s*K steps ahead at the cost of K.
+    stride = int(cfg.get("unroll_stride", 1))
+    if stride < 1:
+        raise ValueError(f"control.unroll_stride={stride} must be a positive integer")
 
     def predict(gen_params, frozen, z, t, context, hint):
         down, mid = controlnet.apply({"params": gen_params["controlnet"]}, z, t, context, hint,
@@ -216,7 +232,7 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
 
         def body(carry, i):
             z, out, t = carry
-            t_prev = grid[k - i - 1]  # k >= K > i, so never below the grid
+            t_prev = grid[unrolled_index(k, i, stride)]
             z = samplers.ddim_step(schedule, z, out, t, t_prev)
             out = predict(jax.lax.stop_gradient(gen_params), frozen, z, t_prev, context, hint)
             li = pixel_loss(on_batch_axes(decode(frozen["vae"], schedule_lib.x0_from_prediction(schedule, z, out,
