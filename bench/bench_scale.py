@@ -51,7 +51,8 @@ What the measurement does not see, measured on this machine:
     its upsampler's [8, 257, 257, 1024] phase outputs all-gathered on every
     device (20.21 GiB per chip). The step now gathers the VAE's 83M weights
     before use (`sharding.gathered`): 16.98 GiB; and the segmenter's 64M:
-    15.87 -> 15.35 GiB of temporaries. The UNet's activations are still
+    15.87 -> 15.35 GiB of temporaries; gathered inside the lazy branch only
+    (plain steps do not use it): 15.11. The UNet's activations are still
     gathered for the whole micro-batch; gathering each layer's weights
     instead (inside its remat block) measured worse here (UNet gradient,
     batch 8 on fsdp=8: 9.44 GiB against 5.95), since XLA:CPU keeps every
