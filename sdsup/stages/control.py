@@ -170,10 +170,9 @@ def make_step(*, unet, controlnet, vae, seg, text_model, gen_tx, seg_tx, cfg, sc
     unroll = int(cfg.unroll_steps)
     if not 0 <= unroll < cfg.grid_steps:
         raise ValueError(f"control.unroll_steps={unroll} must be in [0, grid_steps={cfg.grid_steps})")
-    # Grid steps per unrolled step: K steps of stride s look s*K steps ahead at the cost of K.
+    # Grid steps per unrolled step (validated with the config): K steps of stride s look s*K steps
+    # ahead at the cost of K.
     stride = int(cfg.get("unroll_stride", 1))
-    if stride < 1:
-        raise ValueError(f"control.unroll_stride={stride} must be a positive integer")
 
     def predict(gen_params, frozen, z, t, context, hint):
         down, mid = controlnet.apply({"params": gen_params["controlnet"]}, z, t, context, hint,
