@@ -51,14 +51,33 @@ was 1.3-1.9x slower than the current one at every shape. No single part is
 far behind: the 0.8 goal needs every part ~25% faster than PyTorch's oneDNN
 and flash-attention kernels. The same step measured 2.0-2.9 s within one
 hour on this machine, which is why only same-run ratios mean anything.
+
+Since 2026-12-01 (later): stride-1 3x3 convolutions with >= 512 2x2 tiles
+(the 32x32 and 16x16 levels here) run by Winograd F(2x2, 3x3) on CPU, forward
+and input gradient (sdsup/models/layers.py says what each shape measured).
+The same step without it, compiled in the same process and interleaved:
+-4% (1.92 vs 2.00 s/step; 2.06 vs 2.14). FLOPs above stay the direct
+convolution's count, the work PyTorch does, so utilisation compares like with
+like. Also measured, not adopted: base-2 scores in the chunked attention
+(exp2 instead of exp: the same fwd+bwd time at 1024 and 256 tokens), the
+attention's scores transposed (fwd 47 vs 41 ms, bwd 87 vs 77), splitting
+single-threaded convolutions over the batch (XLA ran the halves one after the
+other), a convolution as one [pixels, Ci] x [Ci, 9*Co] matmul plus a shifted
+sum (faster alone at 64 output channels, step 10% slower), and glibc's
+transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: no change).
+The step time of sdsup varies more than PyTorch's between processes (median
+1.92-2.32 s against 1.92-2.10 for PyTorch in five runs within two hours),
+with single steps of 5-6 s that PyTorch never shows.
 """
 
 import ctypes
 import dataclasses
+import math
 import os
 import resource
 import statistics
 import time
+import unittest.mock
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -120,6 +139,7 @@ def unet_train_step() -> dict:
     from diffusers import UNet2DConditionModel as TorchUNet
 
     from sdsup.convert.unet import unet_from_torch
+    from sdsup.models import layers
     from sdsup.models.unet import UNet2DConditionModel, UNetConfig
 
     cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
@@ -159,10 +179,13 @@ def unet_train_step() -> dict:
     compiled = jax.jit(train_step(model), donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
     compile_s = time.perf_counter() - t0
     # XLA's cost analysis counts a while loop's body once, so the chunked
-    # attention's FLOPs would be undercounted: count the same step built with
-    # plain attention instead (compiled only for its cost analysis).
+    # attention's FLOPs would be undercounted, and Winograd convolutions do
+    # fewer FLOPs than the model's nominal count: count the same step built
+    # with plain attention and direct convolutions instead (compiled only for
+    # its cost analysis), the work PyTorch's step does too.
     reference_model = UNet2DConditionModel(dataclasses.replace(config, attention_impl="xla"))
-    cost = jax.jit(train_step(reference_model)).lower(params, opt_state, *batch).compile().cost_analysis()
+    with unittest.mock.patch.object(layers, "_WINOGRAD_MIN_TILES", math.inf):
+        cost = jax.jit(train_step(reference_model)).lower(params, opt_state, *batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"])
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20

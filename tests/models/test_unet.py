@@ -45,6 +45,20 @@ CONFIGS = {
         ),
         (8, 8),
     ),
+    # Large enough (2 x 32 x 32 = 512 tiles of 2x2) for the level-0 3x3
+    # convolutions to take the Winograd path on CPU (checked in the test).
+    "two_levels_winograd": (
+        UNetConfig(
+            block_out_channels=(24, 48),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            norm_num_groups=8,
+        ),
+        (32, 32),
+    ),
     "three_levels_odd_sizes": (
         UNetConfig(
             block_out_channels=(24, 48, 72),
@@ -130,6 +144,8 @@ def test_matches_diffusers(name):
             ).sample
         )
     assert out.shape == (*sample.shape[:3], config.out_channels)
+    if name == "two_levels_winograd":
+        assert layers._use_winograd((2, *size, 24), (3, 3, 24, 24), np.float32, (1, 1), ((1, 1), (1, 1)))
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
     np.testing.assert_allclose(out_res, ref_res, atol=1e-4, rtol=0)
     # The residuals must matter, or the second comparison proves nothing.
