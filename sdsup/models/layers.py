@@ -76,6 +76,8 @@ def _conv(x: Array, kernel: Array, strides: Tuple[int, int], padding: Tuple[Tupl
 # 32x32x64 -> 64 15 vs 24 ms (XLA's convolution runs single-threaded with 64
 # output channels), 32x32 192 -> 64 45 vs 64, 16x16 384 -> 128 39 vs 45,
 # 16x16 128 -> 128 on par, 8x8 (128 tiles) slower; hence the tile threshold.
+# Channels: with 16 it is slower (batch 16, 64x64x16 -> 16: 23 vs 16 ms),
+# with 32 on par or faster (16x32x32x32: 12 vs 17 ms), hence that threshold.
 # UNet training step (bench_unet config), interleaved with the same step
 # without Winograd: -4% (1.92 vs 2.00 s; 2.06 vs 2.14 s). Rounding differs
 # from the direct sum by a few 1e-6 at unit scale, so float32 only. Tried and
@@ -87,7 +89,7 @@ _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]
 _WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 _WINOGRAD_A2 = np.kron(_WINOGRAD_AT, _WINOGRAD_AT)  # [(a, c), (i, j)]
 _WINOGRAD_MIN_TILES = 512
-_WINOGRAD_MIN_CHANNELS = 16
+_WINOGRAD_MIN_CHANNELS = 32
 
 
 def _combine(matrix: np.ndarray, parts: Sequence[Array]) -> list:

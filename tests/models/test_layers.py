@@ -37,8 +37,9 @@ def test_winograd_refuses_odd_sizes(shape):
 @pytest.mark.parametrize(
     "shape, co, strides, padding, winograd",
     [
-        ((2, 32, 32, 16), 24, (1, 1), SAME, True),  # 512 tiles: Winograd forward and input gradient
-        ((1, 16, 16, 16), 16, (1, 1), SAME, False),  # too few tiles: XLA's convolution
+        ((2, 32, 32, 32), 40, (1, 1), SAME, True),  # 512 tiles: Winograd forward and input gradient
+        ((1, 16, 16, 32), 32, (1, 1), SAME, False),  # too few tiles: XLA's convolution
+        ((2, 32, 32, 16), 32, (1, 1), SAME, False),  # too few channels
         ((2, 32, 32, 16), 16, (2, 2), SAME, False),  # strided
         ((2, 32, 32, 16), 16, (1, 1), ((0, 1), (0, 1)), False),  # asymmetric padding
     ],
@@ -61,4 +62,4 @@ def test_conv2d_values_and_gradients(shape, co, strides, padding, winograd):
 
 
 def test_winograd_is_float32_only():
-    assert not layers._use_winograd((2, 32, 32, 16), (3, 3, 16, 16), jnp.bfloat16, (1, 1), SAME)
+    assert not layers._use_winograd((2, 32, 32, 32), (3, 3, 32, 32), jnp.bfloat16, (1, 1), SAME)
