@@ -67,7 +67,12 @@ sum (faster alone at 64 output channels, step 10% slower), and glibc's
 transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: no change).
 The step time of sdsup varies more than PyTorch's between processes (median
 1.92-2.32 s against 1.92-2.10 for PyTorch in five runs within two hours),
-with single steps of 5-6 s that PyTorch never shows.
+with single steps of 5-6 s that PyTorch never shows. Interference between
+the two in one process is small: timed in blocks of 4 steps instead of
+alternating, sdsup 2.15 vs 2.25 s, PyTorch 2.13 vs 2.16 (one run, within
+noise). OMP_WAIT_POLICY=PASSIVE gives ratio 0.77 (2.13 vs 2.76 s) only by
+slowing PyTorch, whose OpenMP threads then sleep between parallel regions:
+not a valid comparison, and not what the benchmark reports.
 """
 
 import ctypes
