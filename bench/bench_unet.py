@@ -65,9 +65,10 @@ single-threaded convolutions over the batch (XLA ran the halves one after the
 other), a convolution as one [pixels, Ci] x [Ci, 9*Co] matmul plus a shifted
 sum (faster alone at 64 output channels, step 10% slower), and glibc's
 transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: no change).
-The step time of sdsup varies more than PyTorch's between processes (median
-1.92-2.32 s against 1.92-2.10 for PyTorch in five runs within two hours),
-with single steps of 5-6 s that PyTorch never shows. Interference between
+Both step times move between processes (medians 1.92-2.35 s for sdsup and
+1.89-2.72 for PyTorch over a dozen runs within two hours); within a run
+sdsup's steps spread more (e.g. 2.0-2.6 s against 1.9-2.1) and include
+single steps of 5-6 s that PyTorch's never do. Interference between
 the two in one process is small: timed in blocks of 4 steps instead of
 alternating, sdsup 2.15 vs 2.25 s, PyTorch 2.13 vs 2.16 (one run, within
 noise). OMP_WAIT_POLICY=PASSIVE gives ratio 0.77 (2.13 vs 2.76 s) only by
