@@ -21,19 +21,17 @@ from sdsup.models.unet import STABLE_DIFFUSION_1_5, STABLE_DIFFUSION_2_1, UNet2D
 # per block; channel counts that are not powers of two (but divisible by the
 # groups); both timestep-embedding conventions; spatial sizes that do not halve
 # evenly (so the up path has to upsample to the skip's size).
+_TWO_LEVELS = UNetConfig(
+    block_out_channels=(24, 48),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=2,
+    norm_num_groups=8,
+)
 CONFIGS = {
-    "two_levels_conv_proj": (
-        UNetConfig(
-            block_out_channels=(24, 48),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=2,
-            norm_num_groups=8,
-        ),
-        (16, 16),
-    ),
+    "two_levels_conv_proj": (_TWO_LEVELS, (16, 16)),
     "four_levels_linear_proj_per_block_heads": (
         UNetConfig(
             block_out_channels=(20, 36, 44, 44),
@@ -47,18 +45,7 @@ CONFIGS = {
     ),
     # Large enough (2 x 32 x 32 = 512 tiles of 2x2) for the level-0 3x3
     # convolutions to take the Winograd path on CPU (checked in the test).
-    "two_levels_winograd": (
-        UNetConfig(
-            block_out_channels=(32, 48),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=2,
-            norm_num_groups=8,
-        ),
-        (32, 32),
-    ),
+    "two_levels_winograd": (dataclasses.replace(_TWO_LEVELS, block_out_channels=(32, 48)), (32, 32)),
     "three_levels_odd_sizes": (
         UNetConfig(
             block_out_channels=(24, 48, 72),
