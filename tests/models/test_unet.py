@@ -132,7 +132,9 @@ def test_matches_diffusers(name):
         )
     assert out.shape == (*sample.shape[:3], config.out_channels)
     if name == "two_levels_winograd":
-        assert layers._use_winograd((2, *size, 32), (3, 3, 32, 32), np.float32, (1, 1), ((1, 1), (1, 1)))
+        width = config.block_out_channels[0]
+        level0 = (*sample.shape[:3], width)
+        assert layers._use_winograd(level0, (3, 3, width, width), sample.dtype, (1, 1), ((1, 1), (1, 1)))
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
     np.testing.assert_allclose(out_res, ref_res, atol=1e-4, rtol=0)
     # The residuals must matter, or the second comparison proves nothing.
