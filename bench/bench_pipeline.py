@@ -14,7 +14,7 @@ compared (max |difference|), so the timing is of the same computation.
 Medians over `repeats` calls after one warm-up call (the warm-up compiles).
 """
 
-import json
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,7 +22,16 @@ import sys
 import tempfile
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
+
+from sdsup import aldm, config_lib, inference, model_configs, pipelines
+from sdsup.data import dataset, registry
+from sdsup.models import io as model_io
+from sdsup.models.controlnet import ControlNetModel, dummy_inputs
+from sdsup.models.layout import LayoutModel, dummy_inputs as layout_inputs
+from sdsup.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, GUIDANCE = 25, 3.0
@@ -30,53 +39,34 @@ PROMPT = "sky over grass with a lake on the left. a red house right of the lake.
 
 
 def _config():
-    from sdsup import config_lib
-
     return config_lib.load(os.path.join(ROOT, "configs", "scenes.py"))
 
 
 def random_workdir(root: str, config) -> str:
     """A workdir whose vae, ldm, layout and control stages hold random weights of the config's sizes."""
-    import flax.linen as nn
-    import jax
-
-    from sdsup import config_lib, parallel, stages
-    from sdsup.data import registry
-    from sdsup.models import io as model_io
-    from sdsup.models.controlnet import ControlNetModel, dummy_inputs
-    from sdsup.models.layout import LayoutModel, dummy_inputs as layout_inputs
-    from sdsup.stages import control, layout, ldm, vae
-
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
-    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    ctx = stages.Context(config=config, workdir=root, mesh=mesh)
+    workdir = Workdir(root)
+    workdir.write_config(config_lib.to_json(config))
     spec = registry.get(config.data.name)
-    unet_config, text_config = ldm.model_configs(ctx)
-    vae_config = vae.model_config(ctx)
+    unet_config, text_config = model_configs.ldm(config, dataset.text_tokenizer(config))
+    vae_config = model_configs.vae(config)
     table = np.random.default_rng(0).standard_normal((spec.num_classes, text_config.hidden_size)).astype(np.float32)
-    setup_inits = control.frozen_model_inits(ctx, unet_config, vae_config, text_config)
-    cn_config = control.controlnet_config(ctx, unet_config, table.shape[1])
-    layout_config = layout.model_config(ctx, spec.num_classes, text_config.hidden_size)
+    cn_config = model_configs.controlnet(config, unet_config, table.shape[1])
+    layout_config = model_configs.layout(config, spec.num_classes, text_config.hidden_size)
     latent = config.data.image_size // vae_config.downsample_factor
-    inits = dict(setup_inits,
+    inits = dict(aldm.frozen_model_inits(config, unet_config, vae_config, text_config),
                  controlnet=lambda: ControlNetModel(cn_config).init(jax.random.PRNGKey(0),
                                                                     *dummy_inputs(cn_config, 1, latent))["params"],
                  layout=lambda: LayoutModel(layout_config).init(
                      jax.random.PRNGKey(0), *layout_inputs(layout_config, config.text.max_length))["params"])
     params = {k: model_io.random_like(nn.meta.unbox(jax.eval_shape(f)), i) for i, (k, f) in enumerate(inits.items())}
     params["vae"]["decoder"]["conv_out"]["kernel"] *= 0.3  # decoded images mostly inside [-1, 1]
-    for rel, kind, cfg, p in (("vae/model", "vae", vae_config, params["vae"]),
-                              ("ldm/unet", "unet", unet_config, params["unet"]),
-                              ("ldm/text_encoder", "text_encoder", text_config, params["text_encoder"]),
-                              ("layout/model", "layout", layout_config, params["layout"]),
-                              ("control/controlnet", "controlnet", cn_config, params["controlnet"])):
-        model_io.save(os.path.join(root, rel), kind, cfg, p)
-    np.save(os.path.join(root, "control", "class_table.npy"), table)
+    workdir.save_model("vae", "model", "vae", vae_config, params["vae"])
+    workdir.save_model("ldm", "unet", "unet", unet_config, params["unet"])
+    workdir.save_model("ldm", "text_encoder", "text_encoder", text_config, params["text_encoder"])
+    workdir.save_model("layout", "model", "layout", layout_config, params["layout"])
+    workdir.save_conditioner(cn_config, params["controlnet"], table)
     for stage in ("vae", "ldm", "layout", "control"):
-        with open(stages.done_marker(root, stage), "w") as f:
-            json.dump({"random_weights": True}, f)
+        workdir.mark_done(stage, {"random_weights": True})
     return root
 
 
@@ -91,11 +81,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _latency(batch: int, repeats: int = 3) -> dict:
-    import jax
-    import torch
-
-    from sdsup import inference
-    from sdsup.stages import control
+    import torch  # deferred: PyTorch is the test extra's, only the comparison needs it
 
     torch.set_num_threads(2)  # the same two cores XLA uses
     tmp = tempfile.mkdtemp(prefix="sdsup_bench_pipeline_")
@@ -106,24 +92,24 @@ def _latency(batch: int, repeats: int = 3) -> dict:
                                 capture_output=True, text=True, cwd=ROOT)
         if result.returncode:
             raise RuntimeError(f"export failed: {result.stderr[-2000:]}")
-        gen = inference.Generator.from_workdir(workdir)
-        gen.config.sampling.steps = STEPS
-        size, latent_size = gen.size, gen.size // 4
-        tokens = gen.tokens(PROMPT, batch)
+        session = inference.Session.from_workdir(workdir)
+        settings = session.settings.with_overrides(steps=STEPS, guidance=GUIDANCE)
+        size, latent_size = session.size, session.size // 4
+        tokens = session.tokens(PROMPT, batch)
         rng = jax.random.PRNGKey(0)
         layouts = {}
 
         def text_to_layout():
-            layouts["ids"] = gen.layouts(PROMPT, batch, seed=0)
+            layouts["ids"] = session.layouts(PROMPT, batch, seed=0)
 
         def sdsup_images():
-            layouts["images"] = control.generate(gen.ctx, tokens, layouts["ids"], rng, guidance=GUIDANCE)
+            layouts["images"] = pipelines.layout_to_image(session.image_models(), tokens, layouts["ids"], rng,
+                                                          settings)
 
         layout_s = _median_time(text_to_layout, repeats)
         image_s = _median_time(sdsup_images, repeats)
 
-        import diffusers
-        import importlib.util
+        import diffusers  # deferred with torch
 
         pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(out, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
@@ -147,7 +133,7 @@ def _latency(batch: int, repeats: int = 3) -> dict:
                 "text_to_layout_s": round(layout_s, 4), "text_layout_image_s": round(layout_s + image_s, 4),
                 "max_abs_image_diff": round(diff, 4),
                 "config": f"configs/scenes.py default sizes, {size}x{size}, batch {batch}, {STEPS} DDIM steps, "
-                          f"CFG {GUIDANCE}, layout {gen.config.layout.sampling.steps} unmasking steps; value = sdsup "
+                          f"CFG {GUIDANCE}, layout {session.config.layout.sampling.steps} unmasking steps; value = sdsup "
                           "image generation, baseline = the exported diffusers pipeline (same weights, layouts, "
                           "noise; torch 2 threads)",
                 "weights": "trained: " + workdir if os.environ.get("SDSUP_BENCH_WORKDIR") else "random"}

@@ -91,8 +91,8 @@ def _config():
         c.control.update(batch_size=PER_DEVICE_BATCH * FAKE_DEVICES, micro_batches=MICRO_BATCHES, n_lazy=8, grid_steps=25,
                          unroll_steps=9, lambda_adv=0.5, lambda_fake=0.001)
         # UperNet + ResNet-50 (transformers' UperNet defaults).
-        c.control.discriminator = dict(embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3),
-                                       layer_type="bottleneck", head_channels=512, pool_scales=(1, 2, 3, 6))
+        c.discriminator.model = dict(embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3),
+                                     layer_type="bottleneck", head_channels=512, pool_scales=(1, 2, 3, 6))
         c.control.remat_discriminator = True
         c.control.discriminator_dtype = COMPUTE_DTYPE
         c.control.hint_channels = ()  # the encoding's default hint encoder (ALDM's), not the scenes' narrow one
@@ -131,13 +131,11 @@ def _build(mesh):
     import jax
     import numpy as np
 
-    from sdsup import stages
+    from sdsup import aldm
     from sdsup.data import registry, tokenizers
     from sdsup.models import clip_text, unet, vae
-    from sdsup.stages import control
 
     config = _config()
-    ctx = stages.Context(config=config, workdir="/nonexistent", mesh=mesh)
     num_classes = 150  # ADE20K
     spec = registry.DatasetSpec(
         name="ade20k_sized", class_names=tuple(f"class{i}" for i in range(num_classes)),
@@ -151,7 +149,7 @@ def _build(mesh):
     with config.unlocked():  # the stage reads the VAE's downsampling from the config
         config.vae.model = {k: v for k, v in vae_config.__dict__.items() if k != "sample_size"}
     table = np.zeros((num_classes, text_config.hidden_size), np.float32)
-    setup = control.Setup(ctx, spec, tok, unet_config, vae_config, text_config, table)
+    setup = aldm.Setup(config, spec, tok, unet_config, vae_config, text_config, table, mesh)
     boxed_state = jax.eval_shape(setup.init, jax.random.PRNGKey(0))
     boxed_frozen = {name: jax.eval_shape(init) for name, init in setup.frozen_inits().items()}
     return config, setup, boxed_state, boxed_frozen, table
@@ -167,7 +165,7 @@ def pod_meshes():
     """
     out, f = [], FAKE_DEVICES
     while f <= POD_CHIPS:
-        out.append(_MeshShape(data=POD_CHIPS // f, fsdp=f, tensor=1))
+        out.append(_MeshShape(data=POD_CHIPS // f, fsdp=f))
         f *= 2
     return out
 
@@ -178,23 +176,24 @@ def child() -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sdsup import parallel
+    from sdsup import parallel, stages
     from sdsup.stages import common
     from sdsup.trainer import sharding
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": FAKE_DEVICES})
     config, setup, boxed_state, boxed_frozen, table = _build(mesh)
+    ctx = stages.Context(config=config, workdir=None, mesh=mesh)
     state_shardings = sharding.logical_shardings(boxed_state, mesh)
     state = sharding.sharded_abstract(boxed_state, mesh)
     frozen = setup.abstract_frozen(mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
-    batch = common.abstract_batch(setup.ctx, config.control.batch_size)
+    batch = common.abstract_batch(ctx, config.control.batch_size)
 
     start = time.perf_counter()
     lowered = setup.step(state_shardings).lower(state, batch, rng, frozen)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile(compiler_options=common.compiler_options(setup.ctx))
+    compiled = lowered.compile(compiler_options=common.compiler_options(ctx))
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     analysis = compiled.cost_analysis()

@@ -7,12 +7,28 @@ wrongly typed overrides while flags are parsed; `validate` checks the values
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 from typing import Any
 
 import ml_collections
 
+from sdsup.data import registry
+from sdsup.diffusion.masked import UPSAMPLE_METHODS
 from sdsup.errors import ConfigError
+
+# Every stage a config may list, in the order they can run (`sdsup.stages` implements each).
+STAGES = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
+# Keys that moved: old key -> new key. A user's override of an old key fails naming the new one;
+# `upgrade` carries a saved config (an old workdir's config.json) over.
+RENAMED = {
+    "control.discriminator": "discriminator.model",
+}
+# Keys that were dropped, with the reason given to a user who still sets them.
+REMOVED = {
+    "mesh.tensor": "sdsup shards over the data and fsdp mesh axes only; drop mesh.tensor",
+}
 
 
 def _require(cond: bool, key: str, message: str, value: Any) -> None:
@@ -37,21 +53,17 @@ def _get(config, key: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first bad value, naming its key."""
-    from sdsup import stages
-    from sdsup.data import registry
-
     stage_names = tuple(_get(config, "stages"))
     _require(len(stage_names) > 0, "stages", "must list at least one stage", stage_names)
     for name in stage_names:
-        _require(name in stages.names(), "stages", f"has unknown stage {name!r} (known: {stages.names()})",
-                 stage_names)
+        _require(name in STAGES, "stages", f"has unknown stage {name!r} (known: {list(STAGES)})", stage_names)
     _require(len(set(stage_names)) == len(stage_names), "stages", "lists a stage twice", stage_names)
 
     name = _get(config, "data.name")
     _require(name in registry.names(), "data.name", f"is not a registered dataset {registry.names()}", name)
     size = _get(config, "data.image_size")
     _require(isinstance(size, int) and size >= 16 and size % 8 == 0, "data.image_size",
-             "must be a multiple of 8 and at least 16 (the VAE downsamples by 8)", size)
+             "must be a multiple of 8 and at least 16", size)
     for key in ("data.num_train", "data.num_validation", "data.num_test", "input.batch_size",
                 "input.num_threads", "input.prefetch", "input.device_prefetch", "text.max_length"):
         _positive_int(config, key)
@@ -75,6 +87,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = config.discriminator.get("input", "image")
         _require(value in ("image", "reconstruction"), "discriminator.input", "must be 'image' or 'reconstruction'",
                  value)
+    if ("discriminator" in stage_names or "control" in stage_names) and (
+            "discriminator" not in config or "model" not in config.discriminator):
+        raise ConfigError("config.discriminator.model is missing: the adversarial segmenter's architecture "
+                          "(it was config.control.discriminator before)")
     if "layout" in stage_names and "layout" in config:
         _validate_layout(config)
     if "evaluate" in config:
@@ -159,8 +175,6 @@ def _validate_layout(config) -> None:
         _number_in(config, "layout.full_mask_fraction", 0.0, 1.0)
     _number_in(config, "layout.sampling.guidance", 0.0, float("inf"))
     if "map_upsample" in c:
-        from sdsup.diffusion.masked import UPSAMPLE_METHODS
-
         _require(c.map_upsample in UPSAMPLE_METHODS, "layout.map_upsample", f"must be one of {UPSAMPLE_METHODS}",
                  c.map_upsample)
 
@@ -177,8 +191,6 @@ def _validate_evaluate(config) -> None:
 
 def load(path: str, arg: str = "") -> ml_collections.ConfigDict:
     """`get_config(arg)` of the config file at `path` (what --config=PATH[:ARG] names)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("_sdsup_config", path)
     if spec is None:
         raise ConfigError(f"{path} is not a Python config file")
@@ -189,3 +201,40 @@ def load(path: str, arg: str = "") -> ml_collections.ConfigDict:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def renamed_key_message(key: str) -> str | None:
+    """A one-line hint for an override of a key that moved or was dropped (`control.discriminator.x`), or None."""
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            return f"config.{old} was renamed: use config.{new}{key[len(old):]}"
+    for old, why in REMOVED.items():
+        if key == old or key.startswith(old + "."):
+            return f"config.{old} was removed: {why}"
+    return None
+
+
+def upgrade(raw: dict) -> dict:
+    """A saved config (plain dict, e.g. an old workdir's config.json) with renamed keys moved and dropped keys removed."""
+    out = copy.deepcopy(raw)
+    for old, new in RENAMED.items():
+        *old_parents, old_leaf = old.split(".")
+        node = out
+        for part in old_parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        value = node.pop(old_leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = out
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target.setdefault(new_leaf, value)
+    for old in REMOVED:
+        *parents, leaf = old.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out

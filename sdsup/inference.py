@@ -1,37 +1,30 @@
-"""Generation from a finished training workdir: prompts (and layouts) -> images.
+"""Generation from a finished training workdir, for `sdsup.sample` (and any program that samples).
 
-`Generator.from_workdir(DIR)` rebuilds the run's config from `DIR/config.json`
-and loads the finished stages' models. `load_layout` reads a user's label map
-(.npy of class ids, or a PNG holding class ids or the palette's colours) with
-clear errors for everything that can be wrong with it.
+`Session.from_workdir(DIR)` rebuilds the run's config from `DIR/config.json`,
+loads the finished stages' models once and generates through
+`sdsup.pipelines`. `load_layout` reads a user's label map (.npy of class ids,
+or a PNG holding class ids or the palette's colours) with clear errors for
+everything that can be wrong with it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import jax
-import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sdsup import parallel, stages, viz
+from sdsup import pipelines, viz
+from sdsup.data import dataset as dataset_lib
 from sdsup.data import registry
 from sdsup.errors import SdsupError
+from sdsup.workdir import Workdir
 
 
 class InferenceError(SdsupError):
     pass
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise InferenceError(f"{workdir} is not a training workdir: it has no config.json")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def check_prompt(prompt: str) -> str:
@@ -89,85 +82,72 @@ def _colours_to_ids(rgb: np.ndarray, spec, path: str) -> np.ndarray:
     return ids
 
 
-class Generator:
-    """Finished models of a workdir, ready to generate."""
+class Session:
+    """The finished models of a workdir, loaded once, ready to generate."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        self.config, self.workdir = config, workdir
-        mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-        self.ctx = stages.Context(config=config, workdir=workdir, mesh=mesh)
-        self.spec = registry.get(config.data.name)
-        self.size = int(config.data.image_size)
-        for name, what in (("ldm", "the text-to-image model"), ("vae", "the autoencoder")):
-            if not os.path.exists(stages.done_marker(workdir, name)):
-                raise InferenceError(f"{workdir}: stage {name} ({what}) has not finished; train it first")
+    def __init__(self, workdir: Workdir, config=None):
+        self.workdir = workdir
+        self.config = config if config is not None else workdir.config()
+        workdir.require("ldm")
+        workdir.require("vae")
+        self.spec = registry.get(self.config.data.name)
+        self.size = int(self.config.data.image_size)
+        self.tokenizer = dataset_lib.text_tokenizer(self.config)
+        self.settings = pipelines.Settings.from_config(self.config, self.tokenizer, self.spec)
+        self._image_models: Optional[pipelines.ImageModels] = None
+        self._layout_models: Optional[dict] = None
 
     @classmethod
-    def from_workdir(cls, workdir: str) -> "Generator":
-        return cls(load_config(workdir), workdir)
+    def from_workdir(cls, path: str) -> "Session":
+        return cls(Workdir(path))
 
     @property
     def has_conditioner(self) -> bool:
-        return os.path.exists(stages.done_marker(self.workdir, "control"))
+        return self.workdir.is_done("control")
 
     @property
     def has_layout_model(self) -> bool:
-        return os.path.exists(stages.done_marker(self.workdir, "layout"))
+        return self.workdir.is_done("layout")
+
+    def image_models(self) -> pipelines.ImageModels:
+        if self._image_models is None:
+            self._image_models = self.workdir.image_models()
+        return self._image_models
+
+    def tokens(self, prompt: str, n: int) -> np.ndarray:
+        return np.repeat(self.tokenizer.encode(check_prompt(prompt))[None], n, 0)
 
     def layouts(self, prompt: str, num_samples: int = 1, seed: int = 0, mode: str = "sample",
                 steps: Optional[int] = None, temperature: Optional[float] = None,
                 guidance: Optional[float] = None) -> np.ndarray:
         """Text -> label maps uint8 [num_samples, H, W] (H = W = the image size) from the layout stage."""
-        from sdsup.stages import layout
-
         if not self.has_layout_model:
-            raise InferenceError(f"{self.workdir}: stage layout (text -> layout) has not finished; train it first")
+            raise InferenceError(f"{self.workdir.path}: stage layout (text -> layout) has not finished; "
+                                 "train it first")
         if steps is not None and steps < 1:
             raise InferenceError(f"--layout_steps must be at least 1, got {steps}")
         if temperature is not None and temperature < 0:
             raise InferenceError(f"--layout_temperature must be >= 0, got {temperature}")
-        if "layout_models" not in self.ctx.cache:
-            self.ctx.cache["layout_models"] = layout.load_models(self.ctx)
-        ids = layout.generate(self.ctx, self.ctx.cache["layout_models"], self.tokens(prompt, num_samples),
-                              jax.random.PRNGKey(seed), mode=mode, steps=steps, temperature=temperature,
-                              guidance=guidance)
+        if self._layout_models is None:
+            self._layout_models = self.workdir.layout_models()
+        sampling = self.settings.layout_sampling(mode, steps, temperature, guidance)
+        ids = pipelines.text_to_layout(self._layout_models, self.tokens(prompt, num_samples),
+                                       jax.random.PRNGKey(seed), self.settings, sampling)
         return ids.astype(np.uint8)
-
-    def tokens(self, prompt: str, n: int) -> np.ndarray:
-        from sdsup.stages import common
-
-        return np.repeat(common.tokenizer(self.ctx).encode(check_prompt(prompt))[None], n, 0)
 
     def images(self, prompt: str, layout: Optional[np.ndarray], num_samples: int = 1, seed: int = 0,
                steps: Optional[int] = None, guidance: Optional[float] = None) -> np.ndarray:
-        """uint8 [num_samples, H, W, 3]."""
-        from sdsup.stages import control, ldm
-
+        """uint8 [num_samples, H, W, 3]; with `layout` ([H, W], or one map per sample [N, H, W]) through the
+        conditioner."""
         tokens = self.tokens(prompt, num_samples)
         rng = jax.random.PRNGKey(seed)
-        if steps is not None:
-            self.config.sampling.steps = int(steps)
-        if layout is not None:
-            if not self.has_conditioner:
-                raise InferenceError(f"{self.workdir}: a layout was given but stage control has not finished")
-            # One map for every sample, or one map per sample ([N, H, W], e.g. from `layouts`).
-            labels = layout if layout.ndim == 3 else np.repeat(layout[None], num_samples, 0)
-            return control.generate(self.ctx, tokens, labels, rng, guidance=guidance)
-        vae_config, vae_params = self._vae()
-        models = ldm.load(self.ctx)
-        from sdsup.models.clip_text import CLIPTextTransformer
-        from sdsup.models.unet import UNet2DConditionModel
-        from sdsup.models.vae import AutoencoderKL
-
-        params = {"unet": models["unet"][1], "text_encoder": models["text_encoder"][1]}
-        return ldm.generate(self.ctx, UNet2DConditionModel(models["unet"][0]),
-                            CLIPTextTransformer(models["text_encoder"][0]), AutoencoderKL(vae_config), params,
-                            vae_params, ldm.noise_schedule(self.ctx), tokens, rng, guidance=guidance)
-
-    def _vae(self):
-        from sdsup.stages import vae
-
-        return vae.load(self.ctx)
+        settings = self.settings.with_overrides(steps, guidance)
+        if layout is None:
+            return pipelines.text_to_image(self.image_models(), tokens, rng, settings)
+        if not self.has_conditioner:
+            raise InferenceError(f"{self.workdir.path}: a layout was given but stage control has not finished")
+        labels = layout if layout.ndim == 3 else np.repeat(layout[None], num_samples, 0)
+        return pipelines.layout_to_image(self.image_models(), tokens, labels, rng, settings)
 
     def save(self, out: str, images: np.ndarray, layout: Optional[np.ndarray] = None, prompt: str = "") -> list:
         os.makedirs(out, exist_ok=True)

@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdsup.errors import SdsupError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both; "tensor" replicates it
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both
 
 
 class MeshError(SdsupError, ValueError):
@@ -90,7 +90,7 @@ def resolve_axes(axes: Mapping[str, int], num_devices: int) -> Tuple[Tuple[str, 
 
 
 def make_mesh(axes: Mapping[str, int], devices: Optional[Sequence] = None) -> Mesh:
-    """A mesh over all devices (or `devices`) with axes (data, fsdp, tensor)."""
+    """A mesh over all devices (or `devices`) with axes (data, fsdp)."""
     devices = list(jax.devices() if devices is None else devices)
     resolved = resolve_axes(dict(axes), len(devices))
     shape = tuple(size for _, size in resolved)

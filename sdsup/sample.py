@@ -10,63 +10,58 @@ per sample first (OUT/layout_<i>.npy and .png) and each image is conditioned
 on its map; --layout_only stops after the maps. The logic is in sdsup.inference.
 """
 
-import os
-import sys
+import types
 
-from absl import app, flags
+from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir whose stages have finished.")
-_PROMPT = flags.DEFINE_string("prompt", None, "What the image shows.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_LAYOUT = flags.DEFINE_string("layout", None, "Label map: .npy class ids, or .png (ids or palette colours).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_NUM = flags.DEFINE_integer("num_samples", 1, "Images to generate.")
-_STEPS = flags.DEFINE_integer("steps", None, "DDIM steps (default: the config's sampling.steps).")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
-_LAYOUT_ONLY = flags.DEFINE_bool("layout_only", False, "Only generate layouts from the prompt (no images).")
-_LAYOUT_MODE = flags.DEFINE_enum("layout_mode", "sample", ["sample", "map"],
-                                 "Generated layouts: sampled (diverse) or the most probable map.")
-_LAYOUT_STEPS = flags.DEFINE_integer("layout_steps", None, "Unmasking passes (default: config layout.sampling).")
-_LAYOUT_TEMPERATURE = flags.DEFINE_float("layout_temperature", None, "Draw temperature for sampled layouts.")
-_LAYOUT_GUIDANCE = flags.DEFINE_float("layout_guidance", None, "Classifier-free guidance on the layout logits.")
-flags.mark_flags_as_required(["workdir", "prompt", "out"])
+from sdsup import cli, inference
+
+def define_flags():
+    f = types.SimpleNamespace()
+    f.workdir = flags.DEFINE_string("workdir", None, "A training workdir whose stages have finished.")
+    f.prompt = flags.DEFINE_string("prompt", None, "What the image shows.")
+    f.out = flags.DEFINE_string("out", None, "Output directory.")
+    f.layout = flags.DEFINE_string("layout", None, "Label map: .npy class ids, or .png (ids or palette colours).")
+    f.seed = flags.DEFINE_integer("seed", 0, "Random seed.")
+    f.num = flags.DEFINE_integer("num_samples", 1, "Images to generate.")
+    f.steps = flags.DEFINE_integer("steps", None, "DDIM steps (default: the config's sampling.steps).")
+    f.guidance = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
+    f.layout_only = flags.DEFINE_bool("layout_only", False, "Only generate layouts from the prompt (no images).")
+    f.layout_mode = flags.DEFINE_enum("layout_mode", "sample", ["sample", "map"],
+                                      "Generated layouts: sampled (diverse) or the most probable map.")
+    f.layout_steps = flags.DEFINE_integer("layout_steps", None, "Unmasking passes (default: config layout.sampling).")
+    f.layout_temperature = flags.DEFINE_float("layout_temperature", None, "Draw temperature for sampled layouts.")
+    f.layout_guidance = flags.DEFINE_float("layout_guidance", None, "Classifier-free guidance on the layout logits.")
+    flags.mark_flags_as_required(["workdir", "prompt", "out"])
+    return f
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from sdsup import inference
-    from sdsup.errors import SdsupError
-
-    try:
-        if _NUM.value < 1:
-            raise inference.InferenceError(f"--num_samples must be at least 1, got {_NUM.value}")
-        if _STEPS.value is not None and _STEPS.value < 1:
-            raise inference.InferenceError(f"--steps must be at least 1, got {_STEPS.value}")
-        prompt = inference.check_prompt(_PROMPT.value)
-        gen = inference.Generator.from_workdir(_WORKDIR.value)
-        if _LAYOUT.value and _LAYOUT_ONLY.value:
-            raise inference.InferenceError("--layout_only generates a layout; it cannot be combined with --layout")
-        layout = inference.load_layout(_LAYOUT.value, gen.spec, gen.size) if _LAYOUT.value else None
-        if layout is None and (_LAYOUT_ONLY.value or gen.has_layout_model):
-            layouts = gen.layouts(prompt, _NUM.value, _SEED.value, _LAYOUT_MODE.value, _LAYOUT_STEPS.value,
-                                  _LAYOUT_TEMPERATURE.value, _LAYOUT_GUIDANCE.value)
-            for path in gen.save_layouts(_OUT.value, layouts, prompt):
-                print(path)
-            if _LAYOUT_ONLY.value:
-                return
-            images = gen.images(prompt, layouts if gen.has_conditioner else None, _NUM.value, _SEED.value,
-                                _STEPS.value, _GUIDANCE.value)
-            for path in gen.save(_OUT.value, images, None, prompt):
-                print(path)
-            return
-        images = gen.images(prompt, layout, _NUM.value, _SEED.value, _STEPS.value, _GUIDANCE.value)
-        for path in gen.save(_OUT.value, images, layout, prompt):
+def main(f):
+    if f.num.value < 1:
+        raise inference.InferenceError(f"--num_samples must be at least 1, got {f.num.value}")
+    if f.steps.value is not None and f.steps.value < 1:
+        raise inference.InferenceError(f"--steps must be at least 1, got {f.steps.value}")
+    prompt = inference.check_prompt(f.prompt.value)
+    session = inference.Session.from_workdir(f.workdir.value)
+    if f.layout.value and f.layout_only.value:
+        raise inference.InferenceError("--layout_only generates a layout; it cannot be combined with --layout")
+    layout = inference.load_layout(f.layout.value, session.spec, session.size) if f.layout.value else None
+    if layout is None and (f.layout_only.value or session.has_layout_model):
+        layouts = session.layouts(prompt, f.num.value, f.seed.value, f.layout_mode.value, f.layout_steps.value,
+                                  f.layout_temperature.value, f.layout_guidance.value)
+        for path in session.save_layouts(f.out.value, layouts, prompt):
             print(path)
-    except SdsupError as e:
-        sys.exit(f"error: {e}")
+        if f.layout_only.value:
+            return
+        images = session.images(prompt, layouts if session.has_conditioner else None, f.num.value, f.seed.value,
+                                f.steps.value, f.guidance.value)
+        for path in session.save(f.out.value, images, None, prompt):
+            print(path)
+        return
+    images = session.images(prompt, layout, f.num.value, f.seed.value, f.steps.value, f.guidance.value)
+    for path in session.save(f.out.value, images, layout, prompt):
+        print(path)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags)

@@ -11,62 +11,52 @@ this file only wires flags to them.
 """
 
 import logging as pylogging
-import os
 import sys
+import types
 
-from absl import app, flags, logging
+import jax
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-_AUTO = flags.DEFINE_bool("distributed_auto", False, "Let JAX detect the cluster (TPU pods, SLURM, MPI).")
-_ONLY = flags.DEFINE_list("only", None, "Run only these of the config's stages.")
-flags.mark_flags_as_required(["config", "workdir"])
+from sdsup import cli, config_lib, parallel, stages
+from sdsup.workdir import Workdir
+
+def define_flags():
+    f = types.SimpleNamespace()
+    f.config = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+    f.workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+    f.coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+    f.num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    f.process_id = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+    f.auto = flags.DEFINE_bool("distributed_auto", False, "Let JAX detect the cluster (TPU pods, SLURM, MPI).")
+    f.only = flags.DEFINE_list("only", None, "Run only these of the config's stages.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return f
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(f):
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    # TensorFlow (tfds, clu) must never take an accelerator from JAX.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-
-    import jax
-
-    from sdsup import config_lib, parallel, stages
-    from sdsup.errors import SdsupError
-
+    cli.keep_tensorflow_off_accelerators()
     try:
-        config = _CONFIG.value
+        config = f.config.value
         config.keys()  # a config file that failed to load raises on first use
     except Exception as e:
-        sys.exit("error: cannot load the config: " + " ".join(str(e).split()))
-    try:
-        config_lib.validate(config)
-        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _AUTO.value)
-        cache = config.jax_cache_dir or os.path.expanduser("~/.cache/sdsup/jax")
-        jax.config.update("jax_compilation_cache_dir", cache)
-        mesh = parallel.make_mesh(config.mesh)
-        divisor = parallel.batch_divisor(mesh)
-        if config.input.batch_size % divisor:
-            raise config_lib.ConfigError(
-                f"config.input.batch_size={config.input.batch_size} is not divisible by the "
-                f"data x fsdp mesh size {divisor}")
-        workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-        os.makedirs(workdir, exist_ok=True)
-        if jax.process_index() == 0:
-            _write_config(workdir, config_lib.to_json(config))
-        logging.info("process %d/%d, mesh %s, workdir %s", jax.process_index(), jax.process_count(),
-                     dict(mesh.shape), workdir)
-        stages.run_all(stages.Context(config=config, workdir=workdir, mesh=mesh), only=_ONLY.value)
-    except SdsupError as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: cannot load the config: " + cli.one_line(e))
+    config_lib.validate(config)
+    parallel.initialize_distributed(f.coordinator.value, f.num_processes.value, f.process_id.value, f.auto.value)
+    cli.use_compilation_cache(config)
+    mesh = parallel.make_mesh(config.mesh)
+    divisor = parallel.batch_divisor(mesh)
+    if config.input.batch_size % divisor:
+        raise config_lib.ConfigError(
+            f"config.input.batch_size={config.input.batch_size} is not divisible by the "
+            f"data x fsdp mesh size {divisor}")
+    workdir = Workdir(f.workdir.value)
+    if jax.process_index() == 0:
+        workdir.write_config(config_lib.to_json(config))
+    logging.info("process %d/%d, mesh %s, workdir %s", jax.process_index(), jax.process_count(),
+                 dict(mesh.shape), workdir.path)
+    stages.run_all(stages.Context(config=config, workdir=workdir, mesh=mesh), only=f.only.value)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -97,6 +87,11 @@ def _parse_flags(argv):
 
 
 def _unknown_override(argv):
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            hint = config_lib.renamed_key_message(arg[len("--config."):].split("=", 1)[0])
+            if hint:
+                return hint
     config = _load_config_file(argv)
     if config is None:
         return None
@@ -118,8 +113,6 @@ def _load_config_file(argv):
     spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if not spec_arg:
         return None
-    from sdsup import config_lib
-
     path, _, arg = spec_arg.partition(":")
     try:
         return config_lib.load(path, arg)
@@ -127,20 +120,5 @@ def _load_config_file(argv):
         return None
 
 
-def _write_config(workdir: str, text: str) -> None:
-    """Writes config.json; an earlier, different one is kept as config.<n>.json."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
-        n = 1
-        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
-            n += 1
-        os.replace(path, os.path.join(workdir, f"config.{n}.json"))
-    with open(path, "w") as f:
-        f.write(text)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, define_flags, flags_parser=_parse_flags)

@@ -11,8 +11,9 @@ import os
 import jax
 import numpy as np
 
-from sdsup import config_lib, parallel, stages
-from sdsup.data import scenes
+from sdsup import aldm, config_lib, parallel, stages
+from sdsup.data import dataset, scenes
+from sdsup.stages import common
 from sdsup.trainer import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def config():
         c.ldm.unet.update(block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2)
         c.ldm.text_encoder.update(hidden_size=16, intermediate_size=32, projection_dim=16)
         c.text.max_length = 16
-        c.control.discriminator.update(embedding_size=8, hidden_sizes=(8, 16), depths=(1, 1), head_channels=8,
+        c.discriminator.model.update(embedding_size=8, hidden_sizes=(8, 16), depths=(1, 1), head_channels=8,
                                        pool_scales=(1, 2))
         c.control.update(batch_size=BATCH, n_lazy=2, grid_steps=4, unroll_steps=2, ramp_start=0, ramp_end=0,
                          lambda_adv=0.5, caption_dropout=0.25)
@@ -42,13 +43,11 @@ def config():
 
 def build(mesh, micro_batches: int = 1):
     """(setup, frozen random weights, state, compiled step) on `mesh`."""
-    from sdsup.stages import common, control
-
     c = config()
     c.control.micro_batches = micro_batches
-    ctx = stages.Context(config=c, workdir="/nonexistent", mesh=mesh)
-    setup, params = control.random_setup(ctx)
-    state, shardings = setup.create_state(mesh, params["unet"], 0)
+    ctx = stages.Context(config=c, workdir=None, mesh=mesh)
+    setup, params = aldm.random_setup(c, dataset.text_tokenizer(c), mesh)
+    state, shardings = setup.create_state(mesh, params["unet"], jax.random.PRNGKey(0))
     frozen = setup.frozen(mesh, params["unet"], params["vae"], params["text_encoder"])
     step = common.compile_step(setup.step(shardings), state, ctx, BATCH, frozen)
     return setup, params, state, step

@@ -13,12 +13,20 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 import control_case
-from sdsup import parallel
+from sdsup import aldm, conditioning, parallel, stages
+from sdsup.data import dataset
+from sdsup.errors import ConfigError
+from sdsup.models import io as model_io
+from sdsup.models.segmenter import UperNetSegmenter
+from sdsup.stages import common, control
+from sdsup.trainer import loop, sharding
+from sdsup.workdir import Workdir
 
 TOL = 1e-5
 
@@ -103,26 +111,12 @@ def test_two_processes_match_one_process(one_device, two_processes):
     _assert_same(result["history"], [final], one_device[0], [one_device[1][-1]])
 
 
-def test_unrolled_steps_stride_over_the_grid_and_stop_at_its_end():
-    from sdsup.stages import control
-
-    k = np.array([2, 5, 24])
-    steps = lambda stride, n: np.stack([np.asarray(control.unrolled_index(k, i, stride)) for i in range(n)])
-    np.testing.assert_array_equal(steps(1, 2), [[1, 4, 23], [0, 3, 22]])  # ALDM: consecutive grid steps
-    np.testing.assert_array_equal(steps(3, 2), [[0, 2, 21], [0, 0, 18]])
-
-
 def test_segmenter_schedule_spans_its_own_updates():
     """The segmenter steps on lazy steps from seg_start on; its one-cycle schedule spans those updates."""
-    from sdsup import stages
-    from sdsup.stages import control
-
     config = control_case.config()
     config.control.update(num_steps=100, n_lazy=8, seg_start=20)
     config.control.seg_optimizer.schedule = "one_cycle"
-    ctx = stages.Context(config=config, workdir="/nonexistent",
-                         mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
-    setup, _ = control.random_setup(ctx)
+    setup, _ = aldm.random_setup(config, dataset.text_tokenizer(config))
     assert setup.segmenter_updates(100) == 10  # lazy steps 24, 32, ..., 96
     lr = setup.learning_rates()["lr/seg"]
     first, peak_count = float(setup.seg_schedule(0)), int(np.argmax([setup.seg_schedule(i) for i in range(10)]))
@@ -147,13 +141,11 @@ class _Batches:
 
 def test_control_stage_resumes_bitwise(tmp_path):
     """4 steps straight == 2 steps, stop, resume from the orbax checkpoint, 2 more (lazy and plain steps)."""
-    from sdsup.trainer import loop, sharding
-
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])  # the program one_device compiled
     setup, params, _, step = control_case.build(mesh)
 
     def train(stage_dir, num_steps):
-        state, shardings = setup.create_state(mesh, params["unet"], 0)
+        state, shardings = setup.create_state(mesh, params["unet"], jax.random.PRNGKey(0))
         out = loop.run(name="control", stage_dir=str(stage_dir), state=state, shardings=shardings, step_fn=step,
                        make_batches=lambda s: _Batches(setup, mesh, s), rng=jax.random.PRNGKey(3),
                        num_steps=num_steps, log_every=2, checkpoint_every=2, config={"case": "control"})
@@ -168,37 +160,25 @@ def test_control_stage_resumes_bitwise(tmp_path):
 
 
 def test_class_table_standardisation_separates_near_parallel_vectors():
-    from sdsup.stages import control
-
     rng = np.random.default_rng(0)
     shared = rng.normal(size=(1, 16))
     table = (shared * 10 + rng.normal(size=(5, 16))).astype(np.float32)  # cosine ~0.99 between classes
-    out = control.normalize_table(table, "standardize")
+    out = conditioning.normalize_table(table, "standardize")
     unit = out / np.linalg.norm(out, axis=1, keepdims=True)
     cos = unit @ unit.T
     assert np.abs(cos - np.eye(5)).max() < 0.8
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 4.0, rtol=1e-5)  # sqrt(D)
-    assert control.normalize_table(table, "none") is table
+    assert conditioning.normalize_table(table, "none") is table
     with pytest.raises(ValueError, match="class_table_norm"):
-        control.normalize_table(table, "whiten")
+        conditioning.normalize_table(table, "whiten")
 
 
 def test_control_starts_from_a_pretrained_discriminator(tmp_path):
     """control.discriminator_init: a segmenter dir's weights become the state's; another architecture is refused."""
-    import flax.linen as nn
-
-    from sdsup import stages
-    from sdsup.errors import ConfigError
-    from sdsup.models import io as model_io
-    from sdsup.models.io import ModelFileError
-    from sdsup.models.segmenter import UperNetSegmenter
-    from sdsup.stages import control
-    from sdsup.trainer import sharding
-
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     config = control_case.config()
-    ctx = stages.Context(config=config, workdir=str(tmp_path), mesh=mesh)
-    setup, params = control.random_setup(ctx)
+    ctx = stages.Context(config=config, workdir=Workdir(str(tmp_path)), mesh=mesh)
+    setup, params = aldm.random_setup(config, ctx.tokenizer, mesh)
     seg = UperNetSegmenter(setup.seg_config)
     pretrained = jax.device_get(nn.meta.unbox(
         seg.init(jax.random.PRNGKey(123), np.zeros((2, setup.size, setup.size, 3)), train=False)))
@@ -209,7 +189,7 @@ def test_control_starts_from_a_pretrained_discriminator(tmp_path):
     assert control.initial_discriminator(ctx) is None
     config.control.discriminator_init = str(tmp_path / "seg")
     loaded = control.initial_discriminator(ctx)
-    state, _ = setup.create_state(mesh, params["unet"], 0, loaded)
+    state, _ = setup.create_state(mesh, params["unet"], jax.random.PRNGKey(0), loaded)
     got = sharding.host_copy({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
     for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(pretrained), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(want), np.asarray(have), err_msg=jax.tree_util.keystr(path))
@@ -220,24 +200,20 @@ def test_control_starts_from_a_pretrained_discriminator(tmp_path):
                   jax.device_get(nn.meta.unbox(other.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)), train=False))))
     config.control.discriminator_init = str(tmp_path / "evalseg")
     with pytest.raises(ConfigError, match="discriminator params do not match"):
-        setup.create_state(mesh, params["unet"], 0, control.initial_discriminator(ctx))
+        setup.create_state(mesh, params["unet"], jax.random.PRNGKey(0), control.initial_discriminator(ctx))
     config.control.discriminator_init = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="discriminator_init"):
         control.initial_discriminator(ctx)
     config.control.discriminator_init = "stage"  # the workdir has no finished discriminator stage
-    with pytest.raises(ModelFileError, match="needs the finished `discriminator` stage"):
+    with pytest.raises(ConfigError, match="needs the finished `discriminator` stage"):
         control.initial_discriminator(ctx)
 
 
 def test_the_step_lowers_from_shapes_alone_as_the_scale_benchmark_does():
     """bench/bench_scale.py lowers SD-1.5's step with no weights; the same path, tiny, on a 2x4 mesh."""
-    from sdsup import stages
-    from sdsup.stages import common, control
-    from sdsup.trainer import sharding
-
     mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
-    ctx = stages.Context(config=control_case.config(), workdir="/nonexistent", mesh=mesh)
-    setup, params = control.random_setup(ctx)
+    ctx = stages.Context(config=control_case.config(), workdir=None, mesh=mesh)
+    setup, params = aldm.random_setup(ctx.config, ctx.tokenizer, mesh)
     abstract = setup.abstract_frozen(mesh)
     frozen = setup.frozen(mesh, params["unet"], params["vae"], params["text_encoder"])
     assert jax.tree.structure(abstract) == jax.tree.structure(frozen)

@@ -205,6 +205,23 @@ def test_ddim_step_batched_t_and_final_alpha():
     assert y.dtype == jnp.bfloat16
 
 
+def test_ddim_unroll_strides_per_example_and_stops_at_the_grid_end():
+    """ALDM's look-ahead: each example starts at its own grid index and moves `stride` grid points a step."""
+    s = _schedule()
+    grid = samplers.ddim_grid(1000, 25)
+    start = jnp.asarray([22, 19, 0])
+    x = jnp.zeros((3, 2))
+    # A denoiser whose output is its timestep tells where each step landed.
+    timestep = lambda z, t: jnp.broadcast_to(t[:, None].astype(jnp.float32), z.shape)
+    landed = lambda stride, n: np.asarray(samplers.ddim_unroll(timestep, s, x, timestep(x, grid[start]), grid, start, n,
+                                                               stride=stride)[1][:, 0]).astype(int)
+    g = np.asarray(grid)
+    np.testing.assert_array_equal(landed(1, 1), g[[23, 20, 1]])  # ALDM: consecutive grid points
+    np.testing.assert_array_equal(landed(1, 2), g[[24, 21, 2]])
+    np.testing.assert_array_equal(landed(3, 1), g[[24, 22, 3]])
+    np.testing.assert_array_equal(landed(3, 2), g[[24, 24, 6]])  # stops at the grid's last point
+
+
 def test_ddim_sample_rng_and_unroll():
     s = _schedule()
     x_T = jnp.asarray(_rand(3))
@@ -214,22 +231,24 @@ def test_ddim_sample_rng_and_unroll():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c)) and np.all(np.isfinite(np.asarray(a)))
 
-    # ddim_unroll on the 25-step grid reproduces the deterministic trajectory.
+    # ddim_unroll on the 25-step grid continues the deterministic trajectory from a known prediction.
     grid = samplers.ddim_grid(1000, 25)
     _, traj = jax.jit(lambda x: samplers.ddim_sample(_model_jax, s, x, 25, return_trajectory=True))(x_T)
-    unroll = jax.jit(lambda x, k: samplers.ddim_unroll(_model_jax, s, x, grid, k, 3))
-    x_after, x0_hat = unroll(traj[6], 7)  # traj[6] is z at grid[7]
+    unroll = jax.jit(lambda x, k: samplers.ddim_unroll(_model_jax, s, x, _model_jax(x, jnp.full((2,), grid[k])), grid,
+                                                       k, 3, readout=lambda x0: x0))
+    x_after, out_after, x0s = unroll(traj[6], 7)  # traj[6] is z at grid[7]; 3 steps reach grid[10]
     np.testing.assert_allclose(np.asarray(x_after), np.asarray(traj[9]), atol=1e-5)
-    out = _model_jax(traj[8], jnp.full((2,), grid[9]))
-    np.testing.assert_allclose(np.asarray(x0_hat), np.asarray(sched_lib.x0_from_prediction(s, traj[8], out, grid[9])),
+    np.testing.assert_allclose(np.asarray(out_after), np.asarray(_model_jax(traj[9], jnp.full((2,), grid[10]))),
                                atol=1e-5)
-    # Past the end of the grid the steps are no-ops; the last step lands on x0.
-    x_end, _ = unroll(traj[22], 23)
-    np.testing.assert_allclose(np.asarray(x_end), np.asarray(traj[24]), atol=1e-5)
-    x_full, _ = jax.jit(lambda x: samplers.ddim_unroll(_model_jax, s, x, grid, 0, 25))(x_T)
-    np.testing.assert_allclose(np.asarray(x_full), np.asarray(traj[-1]), atol=1e-5)
+    for j, i in enumerate((8, 9, 10)):  # each step's x0 estimate, at the point it reached
+        out = _model_jax(traj[i - 1], jnp.full((2,), grid[i]))
+        np.testing.assert_allclose(np.asarray(x0s[j]),
+                                   np.asarray(sched_lib.x0_from_prediction(s, traj[i - 1], out, grid[i])), atol=1e-5)
+    # At the grid's last point the steps stay there: from grid[23], 3 steps end at grid[24] (traj[23]).
+    x_end, _, _ = unroll(traj[22], 23)
+    np.testing.assert_allclose(np.asarray(x_end), np.asarray(traj[23]), atol=1e-5)
     # Differentiable through the unrolled steps.
-    g = jax.grad(lambda x: jnp.sum(unroll(x, 5)[1] ** 2))(traj[4])
+    g = jax.grad(lambda x: jnp.sum(unroll(x, 5)[2] ** 2))(traj[4])
     assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
 
 

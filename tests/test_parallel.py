@@ -15,9 +15,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_resolve_axes_fills_minus_one():
-    assert parallel.resolve_axes({"data": -1}, 8) == (("data", 8), ("fsdp", 1), ("tensor", 1))
-    assert parallel.resolve_axes({"data": 2, "fsdp": -1}, 8) == (("data", 2), ("fsdp", 4), ("tensor", 1))
-    assert parallel.resolve_axes({"data": 1, "fsdp": 1, "tensor": 1}, 1)[0] == ("data", 1)
+    assert parallel.resolve_axes({"data": -1}, 8) == (("data", 8), ("fsdp", 1))
+    assert parallel.resolve_axes({"data": 2, "fsdp": -1}, 8) == (("data", 2), ("fsdp", 4))
+    assert parallel.resolve_axes({"data": 1, "fsdp": 1}, 1)[0] == ("data", 1)
 
 
 @pytest.mark.parametrize("axes, devices, message", [
@@ -35,12 +35,12 @@ def test_mesh_that_does_not_fit_is_a_clear_error(axes, devices, message):
 def test_mesh_on_8_and_1_devices():
     assert jax.device_count() == 8
     mesh = parallel.make_mesh({"data": -1})
-    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1}
     mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
     assert parallel.batch_divisor(mesh) == 8
     mesh = parallel.make_mesh({"data": -1}, devices=jax.devices()[:1])
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
 
 
 def test_single_process_initialize_is_a_no_op(monkeypatch):

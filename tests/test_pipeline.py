@@ -106,7 +106,7 @@ def test_flip_keeps_image_map_and_caption_consistent(dataset, tok):
         def random(self):
             return 0.0
 
-    pre = pipeline.Preprocess(tok, flip=True, keep_metadata=True)
+    pre = pipeline.Preprocess(tok, flip=True, keep_metadata=True, flip_caption=registry.SCENES.flip_caption)
     checked = 0
     for i in range(len(source)):
         record = source[i]

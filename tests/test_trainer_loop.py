@@ -12,6 +12,7 @@ import pytest
 
 from sdsup import parallel
 from sdsup.models.partitioning import BIAS, DENSE_KERNEL, with_axes
+from sdsup.stages import common
 from sdsup.trainer import checkpoint, loop, sharding
 
 
@@ -228,8 +229,6 @@ def test_state_made_in_the_background_equals_the_direct_one():
 
 
 def test_a_warmed_up_function_compiles_once_and_waits_for_the_warm_up():
-    from sdsup.stages import common
-
     traces = []
 
     @jax.jit

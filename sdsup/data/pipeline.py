@@ -14,17 +14,16 @@ uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain
 import numpy as np
 
-from sdsup.data import scenes
-
 Batch = dict  # name -> np.ndarray with a leading batch dimension
 
 
-def _text(value) -> str:
+def text(value) -> str:
+    """A caption feature (bytes from tfds, or str) as str."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -36,14 +35,16 @@ class Preprocess(grain.transforms.RandomMap):
     caption_field: str = "caption"
     flip: bool = True
     keep_metadata: bool = False  # also pass the caption text and record index
+    # The caption of the flipped picture (the dataset's `DatasetSpec.flip_caption`); None keeps it.
+    flip_caption: Optional[Callable[[str], str]] = None
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         image, label = record["image"], record["label"]
-        caption = _text(record[self.caption_field])
+        caption = text(record[self.caption_field])
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-            # The caption describes the flipped picture: "left" <-> "right".
-            caption = scenes.swap_left_right(caption)
+            if self.flip_caption is not None:
+                caption = self.flip_caption(caption)
         out = {
             "image": np.ascontiguousarray(image),
             "label": np.ascontiguousarray(label),
@@ -67,7 +68,8 @@ def _check_batch(global_batch_size: int, process_count: int) -> int:
 def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, flip: bool = True,
                   caption_field: str = "caption", num_epochs: Optional[int] = None,
-                  num_threads: int = 2, prefetch: int = 4, keep_metadata: bool = False) -> grain.IterDataset:
+                  num_threads: int = 2, prefetch: int = 4, keep_metadata: bool = False,
+                  flip_caption: Optional[Callable[[str], str]] = None) -> grain.IterDataset:
     """An endless (or `num_epochs`) stream of this process's batches."""
     local_batch = _check_batch(global_batch_size, process_count)
     if len(source) < process_count:
@@ -75,7 +77,8 @@ def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
     ds = grain.MapDataset.source(source).seed(seed)
     ds = ds.shuffle()[process_index::process_count]
     ds = ds.repeat(num_epochs)
-    ds = ds.random_map(Preprocess(tokenizer, caption_field, flip=flip, keep_metadata=keep_metadata))
+    ds = ds.random_map(Preprocess(tokenizer, caption_field, flip=flip, keep_metadata=keep_metadata,
+                                  flip_caption=flip_caption))
     ds = ds.batch(local_batch, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 

@@ -40,6 +40,18 @@ class DatasetSpec:
     # empty means the class names themselves. Class-embedding layouts use it.
     class_phrases: Tuple[str, ...] = ()
 
+    # Hooks: what generic code asks of a dataset and only the dataset knows. None = not offered.
+    # The caption of a horizontally flipped image (scenes: "left" <-> "right"); None keeps captions as
+    # they are, right for captions that never name sides.
+    flip_caption: Optional[Callable[[str], str]] = None
+    # A record -> the (class name, relation, class name) facts its caption states, with relation one of
+    # "left of", "right of", "above", "below"; the layout evaluation scores relation accuracy with it.
+    caption_relations: Optional[Callable[[dict], list]] = None
+    # A record -> counts to sum over a split's records, extra statistics for the data stage's stats.json.
+    record_stats: Optional[Callable[[dict], dict]] = None
+    # Prompts outside the training captions, for the layout report's picture of novel prompts.
+    novel_prompts: Tuple[str, ...] = ()
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -86,7 +98,7 @@ def names() -> list:
 
 
 def _scenes_builder(data_config):
-    from sdsup.data import scenes_builder  # tfds is heavy; import on use.
+    from sdsup.data import scenes_builder  # deferred: tensorflow_datasets is heavy; only building needs it
 
     config = scenes_builder.ScenesConfig(
         image_size=int(data_config.image_size),
@@ -117,6 +129,10 @@ SCENES = register(
         builds_offline=True,
         default_tokenizer="scenes_words",
         class_phrases=tuple({"mountain": "mountains", "water": "lake"}.get(n, n) for n in scenes.CLASS_NAMES),
+        flip_caption=scenes.swap_left_right,
+        caption_relations=scenes.caption_relations,
+        record_stats=scenes.record_stats,
+        novel_prompts=scenes.NOVEL_PROMPTS,
     )
 )
 

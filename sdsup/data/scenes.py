@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -321,6 +321,42 @@ _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 def swap_left_right(text: str) -> str:
     """The caption of a horizontally flipped image."""
     return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
+def caption_relations(record: dict) -> List[Tuple[str, str, str]]:
+    """(class, relation, class) that a record's caption states ("a car left of the tree"), from its scene program."""
+    scene = Scene.from_json(_text(record["scene"]))
+    out = []
+    for g in scene.groups:
+        if g.ref is not None:
+            r = scene.groups[g.ref]
+            rel = _relation_between(g, r)
+            if rel:
+                out.append((g.cls, rel, r.cls))
+    return out
+
+
+def record_stats(record: dict) -> dict:
+    """The scenes' own statistic of an example: whether it holds a held-out composition."""
+    return {"examples_with_held_out_composition": int(bool(facts(Scene.from_json(_text(record["scene"]))) & HELD_OUT))}
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# Prompts the grammar never writes, for reports: other word orders, pairs held out of training
+# (HELD_OUT), a stuff class as the only content.
+NOVEL_PROMPTS = (
+    "a red car left of a green tree. sky over grass.",
+    "sky over sand. a gray rock on the left. a house right of the rock.",
+    "a white cloud above a black rock. sky over snow with a road along the bottom.",
+    "sky over grass with a lake in the center and mountains on the horizon.",
+    "the sun at the top right above a car on the right. sky over sand.",
+    "two houses. sky over snow.",
+    "a small car right of a big house. sky over snow with mountains on the horizon.",
+    "three clouds in the sky. sky over sand with a road along the bottom.",
+)
 
 
 def flip_scene(scene: Scene) -> Scene:

@@ -15,6 +15,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from absl import logging
 
+from sdsup.data import scenes
 from sdsup.errors import SdsupError
 
 PAD, BOS, UNK, EOS = "<pad>", "<bos>", "<unk>", "<eos>"
@@ -115,7 +116,7 @@ class ClipTokenizer:
     def __init__(self, path: str, max_length: int = 77):
         if not os.path.isdir(path):
             raise TokenizerError(f"CLIP tokenizer directory not found: {path}")
-        from transformers import CLIPTokenizer  # heavy; only real-data runs need it
+        from transformers import CLIPTokenizer  # deferred: transformers is heavy; only CLIP-tokenized runs need it
 
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
@@ -169,7 +170,5 @@ def build(kind: str, *, max_length: int, path: Optional[str] = None):
 
 def write_scenes_vocab(path: str) -> None:
     """Regenerates the shipped vocabulary from the caption grammar."""
-    from sdsup.data import scenes
-
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(list(SPECIAL_TOKENS) + scenes.grammar_words()) + "\n")

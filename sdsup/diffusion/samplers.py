@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup.diffusion.schedule import NoiseSchedule, broadcast_to_rank, check_prediction_type
+from sdsup.diffusion.schedule import NoiseSchedule, broadcast_to_rank, check_prediction_type, x0_from_prediction
 from sdsup.errors import ConfigError
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -205,40 +205,44 @@ def ddim_unroll(
     denoise_fn: DenoiseFn,
     schedule: NoiseSchedule,
     x: jax.Array,
+    model_output: jax.Array,
     grid: jax.Array,
     start_index: jax.Array,
     num_unroll: int,
-    final_alpha_cumprod: float | None = None,
+    *,
+    stride: int = 1,
+    readout: Callable[[jax.Array], Any] | None = None,
 ):
-    """ALDM multistep unrolling: K = num_unroll deterministic DDIM steps on a grid.
+    """ALDM's look-ahead: K = num_unroll deterministic DDIM steps from a point whose prediction is known.
 
-    x is z at t = grid[start_index] (start_index may be traced); step j goes
-    from grid[start_index + j] to grid[start_index + j + 1] (or to the final
-    alpha past the grid's end). Steps that would start past the grid's end
-    leave x unchanged (the model is still called: the loop is static).
-    Differentiable (lax.scan). Returns (x after the steps, x0_hat predicted
-    at the last step that ran; zeros if none ran). ALDM: feed x0_hat (or
-    decode it) to the segmenter/discriminator.
+    `grid` holds the timesteps in sampling order (descending, `ddim_grid`);
+    x is z at t = grid[start_index] and `model_output` the denoiser's output
+    there (ALDM shares it with the noise loss, so the first step costs no
+    call). `start_index` may be traced and per example ([B]). Step j goes
+    from grid[i_j] to grid[i_{j+1}], i_j = min(start + j * stride, n - 1):
+    `stride` grid steps at a time, stopping at the grid's last timestep,
+    where a further step from t to t leaves x as it is and its estimate
+    counts again. After each step the denoiser predicts again, and
+    `readout(x0_hat)` (e.g. a decoder and a segmenter's loss) is taken of
+    that step's x0 estimate. Differentiable (lax.scan).
+
+    Returns (x after the K steps, the model output there, the readouts
+    stacked over the K steps, or None without `readout`).
     """
     n = grid.shape[0]
-    batch = x.shape[0]
     start_index = jnp.asarray(start_index, jnp.int32)
+    t0 = grid[jnp.minimum(start_index, n - 1)]
 
     def body(carry, j):
-        x, x0_prev = carry
-        idx = start_index + j
-        valid = idx < n
-        t = grid[jnp.minimum(idx, n - 1)]
-        tp = jnp.where(idx + 1 < n, grid[jnp.minimum(idx + 1, n - 1)], -1)
-        out = denoise_fn(x, _full_t(t, batch))
-        x_new, x0 = ddim_step(schedule, x, out, t, tp, 0.0, None, final_alpha_cumprod, return_x0=True)
-        x = jnp.where(valid, x_new, x)
-        x0 = jnp.where(valid, x0, x0_prev)
-        return (x, x0), None
+        x, out, t = carry
+        t_next = grid[jnp.minimum(start_index + (j + 1) * stride, n - 1)]
+        x = ddim_step(schedule, x, out, t, t_next)
+        out = denoise_fn(x, jnp.broadcast_to(t_next, (x.shape[0],)))
+        read = readout(x0_from_prediction(schedule, x, out, t_next)) if readout is not None else None
+        return (x, out, t_next), read
 
-    init = (x, jnp.zeros(x.shape, jnp.float32))
-    (x, x0), _ = jax.lax.scan(body, init, jnp.arange(num_unroll, dtype=jnp.int32))
-    return x, x0
+    (x, out, _), reads = jax.lax.scan(body, (x, model_output, t0), jnp.arange(num_unroll, dtype=jnp.int32))
+    return x, out, reads
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++(2M)
@@ -325,6 +329,14 @@ def dpm_solver_pp_2m_sample(
 # ----------------------------------------------------------------------------- guidance
 
 
+def _batch_t(t: Any, batch: int) -> jax.Array:
+    """t as an array [batch]: integer timesteps as int32; a float "time" (masked diffusion's mask ratio) kept."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.int32)
+    return jnp.broadcast_to(t, (batch,))
+
+
 def classifier_free_guidance(
     model_fn: Callable[[jax.Array, jax.Array, Any, Any], jax.Array],
     guidance_scale: float | jax.Array,
@@ -335,7 +347,8 @@ def classifier_free_guidance(
     """A guided denoise_fn(x, t) for the samplers above.
 
     model_fn(x, t, text, layout) -> model_output is the (ControlNet-conditioned)
-    UNet: x [N, ...], t int32 [N], text a pytree of [N, ...] arrays (e.g. CLIP
+    UNet: x [N, ...], t int32 [N] (or, for masked diffusion over label maps,
+    the float mask ratio [N] with x the partly masked ids), text a pytree of [N, ...] arrays (e.g. CLIP
     hidden states [N, 77, 768]), layout a pytree of [N, ...] arrays or None
     (the ControlNet hint / semantic layout).
 
@@ -355,8 +368,7 @@ def classifier_free_guidance(
     """
     if isinstance(guidance_scale, numbers.Number) and guidance_scale == 1:
         def conditional(x: jax.Array, t: jax.Array) -> jax.Array:
-            t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
-            return model_fn(x, t, cond_text, layout)
+            return model_fn(x, _batch_t(t, x.shape[0]), cond_text, layout)
 
         return conditional
     if uncond_text is None:
@@ -373,7 +385,7 @@ def classifier_free_guidance(
 
     def guided(x: jax.Array, t: jax.Array) -> jax.Array:
         b = x.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
+        t = _batch_t(t, b)
         out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), text2, layout2)
         out_c, out_u = out[:b], out[b:]
         scale = jnp.asarray(guidance_scale, jnp.float32)

@@ -49,8 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from PIL import Image
 
+from sdsup.convert.clip_vision import load_clip
+from sdsup.data.tokenizers import ClipTokenizer
 from sdsup.errors import SdsupError
+from sdsup.models.clip_text import LEGACY_EOS_TOKEN_ID, CLIPTextModelWithProjection
+from sdsup.models.clip_vision import CLIPVisionModelWithProjection
 
 # OpenAI CLIP's normalisation constants (transformers' OPENAI_CLIP_MEAN / _STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -93,8 +98,6 @@ def _check_images(images) -> np.ndarray:
 
 
 def _resize_pil(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
     # Pillow resizes uint8 images with its fixed-point antialiased bicubic and
     # rounds to uint8, which is what CLIPImageProcessorPil hands on.
     return np.stack([
@@ -201,9 +204,6 @@ class ClipScorer:
     """
 
     def __init__(self, checkpoint, tokenizer, *, batch_size: int = 32, resize: str = "pil", dtype: Any = jnp.float32):
-        from sdsup.models.clip_text import LEGACY_EOS_TOKEN_ID, CLIPTextModelWithProjection
-        from sdsup.models.clip_vision import CLIPVisionModelWithProjection
-
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ClipScoreError(f"batch_size must be a positive int, got {batch_size!r}")
         if resize not in RESIZE_METHODS:
@@ -251,9 +251,6 @@ class ClipScorer:
     @classmethod
     def from_directory(cls, path: str, *, tokenizer_path: Optional[str] = None, **kwargs) -> "ClipScorer":
         """From a transformers CLIPModel directory; its tokenizer files, or those in `tokenizer_path`."""
-        from sdsup.convert.clip_vision import load_clip
-        from sdsup.data.tokenizers import ClipTokenizer
-
         checkpoint = load_clip(path, dtype=np.float32)
         tokenizer = ClipTokenizer(tokenizer_path or path, max_length=checkpoint.text_config.max_position_embeddings)
         return cls(checkpoint, tokenizer, **kwargs)

@@ -36,10 +36,13 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable, Optional, Tuple, Union
 
+import jax
 import numpy as np
 from scipy import linalg
 
 from sdsup.errors import SdsupError
+from sdsup.models import io as model_io
+from sdsup.models.inception import InceptionV3, preprocess
 
 
 class FIDError(SdsupError, ValueError):
@@ -345,8 +348,6 @@ class FeatureExtractor:
 
 def inception_extractor(model_dir: str, batch_size: int = 50) -> FeatureExtractor:
     """FID's standard features: pool3 of the Inception in an sdsup model directory (`sdsup.convert.inception`)."""
-    from sdsup.models import io as model_io
-
     kind, config, variables, _ = model_io.load(model_dir)
     if kind != "inception":
         raise FIDError(f"{model_dir} holds a {kind!r} model, not an Inception (convert one with "
@@ -357,10 +358,6 @@ def inception_extractor(model_dir: str, batch_size: int = 50) -> FeatureExtracto
 def inception_extractor_from_variables(config, variables, batch_size: int = 50,
                                        name: str = "inception") -> FeatureExtractor:
     """As `inception_extractor`, from an InceptionConfig and its {params, batch_stats}."""
-    import jax
-
-    from sdsup.models.inception import InceptionV3, preprocess
-
     model = InceptionV3(config)
     variables = jax.device_put(variables)
     apply = jax.jit(lambda v, u8: model.apply(v, preprocess(u8, config.image_size)))

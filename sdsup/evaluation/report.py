@@ -6,7 +6,7 @@ metrics.json alone plus the pictures that exist, so the report never
 disagrees with the numbers and any evaluation can run again on its own.
 
 Key scheme:
-  layout/<metric>[/val]               text -> layout (sdsup.layout_eval)
+  layout/<metric>[/val]               text -> layout (sdsup.evaluation.layout)
   layout/iou_map/<class>              per-class IoU of the most probable map (test split)
   images/<variant>/<metric>           image_miou, layout_miou, fid_segfeat, clip_score, examples
   images/<variant>/iou/<class>        per-class image IoU

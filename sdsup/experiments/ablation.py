@@ -29,24 +29,32 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import types
 from typing import Dict, List, Optional
 
+import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from sdsup import cli, config_lib, parallel, stages, viz
 from sdsup.errors import SdsupError
+from sdsup.evaluation import images, report, suite
+from sdsup.workdir import Workdir
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the ablation.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Training and sampling seeds per variant.")
-_FROM = flags.DEFINE_string("from_workdir", None,
-                            "A finished `sdsup.train` workdir of the same config whose stages to reuse.")
-_SPLIT = flags.DEFINE_enum("split", None, ["test", "validation"], "Split (default: config.evaluate.split).")
-_EXAMPLES = flags.DEFINE_integer("examples", None, "Examples per variant (default: config.evaluate.examples).")
-flags.mark_flags_as_required(["workdir"])
+def define_flags():
+    f = types.SimpleNamespace()
+    f.config = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Config file (configs/*.py[:arg]).",
+                                               lock_config=True)
+    f.workdir = flags.DEFINE_string("workdir", None, "Output directory of the ablation.")
+    f.seeds = flags.DEFINE_integer("seeds", 3, "Training and sampling seeds per variant.")
+    f.from_workdir = flags.DEFINE_string("from_workdir", None,
+                                         "A finished `sdsup.train` workdir of the same config whose stages to reuse.")
+    f.split = flags.DEFINE_enum("split", None, ["test", "validation"], "Split (default: config.evaluate.split).")
+    f.examples = flags.DEFINE_integer("examples", None, "Examples per variant (default: config.evaluate.examples).")
+    flags.mark_flags_as_required(["workdir"])
+    return f
+
 
 VARIANTS = ("text_only", "control", "aldm", "text_layout_image")
 SHARED_STAGES = ("data", "vae", "ldm", "layout", "discriminator", "evalseg")
@@ -66,18 +74,17 @@ def _plain(config) -> dict:
 
 def check_reusable(config, workdir: str, stage_names) -> None:
     """Raises AblationError unless `workdir`'s config agrees with `config` on the shared sections."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    wd = Workdir(workdir)
+    if not wd.has_config():
         raise AblationError(f"--from_workdir={workdir} is not a training workdir (no config.json)")
-    with open(path) as f:
-        theirs = json.load(f)
+    theirs = _plain(wd.config())
     ours = _plain(config)
     for section in SHARED_SECTIONS:
         if section in ours and theirs.get(section) != ours[section]:
             raise AblationError(f"--from_workdir={workdir} was trained with another config.{section}; "
                                 f"the ablation needs the shared stages of this config")
     for name in stage_names:
-        if not os.path.exists(os.path.join(workdir, name, "DONE.json")):
+        if not wd.is_done(name):
             raise AblationError(f"--from_workdir={workdir}: stage {name} has not finished")
 
 
@@ -127,12 +134,6 @@ def target_check(summary: dict) -> dict:
 
 def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, split: Optional[str] = None,
         examples: Optional[int] = None) -> dict:
-    import jax
-
-    from sdsup import config_lib, parallel, stages, viz
-    from sdsup.evaluation import images, report
-    from sdsup.stages import common
-
     if seeds < 1:
         raise AblationError(f"--seeds must be at least 1, got {seeds}")
     config_lib.validate(config)
@@ -144,54 +145,49 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh)
     if from_workdir:
-        shared = os.path.abspath(from_workdir)
-        check_reusable(config, shared, shared_names)
+        shared = Workdir(from_workdir)
+        check_reusable(config, shared.path, shared_names)
     else:
-        shared = os.path.join(workdir, "shared")
-        os.makedirs(shared, exist_ok=True)
-        with open(os.path.join(shared, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+        shared = Workdir(os.path.join(workdir, "shared"))
+        shared.write_config(config_lib.to_json(config))
         stages.run_all(stages.Context(config=config, workdir=shared, mesh=mesh), only=shared_names)
 
     cfg_eval = config.evaluate
     split = split or cfg_eval.split
     examples = int(examples or cfg_eval.examples)
     shared_ctx = stages.Context(config=config, workdir=shared, mesh=mesh)
-    segmenter = images.EvalSegmenter(shared_ctx)
-    spec, _ = common.dataset(shared_ctx)
+    spec = shared_ctx.dataset.spec
+    settings = shared_ctx.sampling()
+    evaluator = images.Evaluator(shared_ctx.dataset, suite.load_segmenter(shared, settings.compiler_options),
+                                 settings)
     results: Dict[str, List[dict]] = {v: [] for v in VARIANTS}
     first_rows: Dict[str, list] = {}
     for s in range(seeds):
         conditioners = {}
         for name, lam in (("control", 0.0), ("aldm", float(config.control.lambda_adv))):
             vconfig = variant_config(config, s, lam)
-            run_dir = os.path.join(workdir, "runs", f"{name}_s{s}")
-            reuse = (from_workdir and s == 0 and lam > 0 and _same_control(from_workdir, vconfig))
+            run_dir = Workdir(os.path.join(workdir, "runs", f"{name}_s{s}"))
+            reuse = (from_workdir and s == 0 and lam > 0 and _same_control(shared, vconfig))
             if reuse:
                 run_dir = shared
             else:
-                link_shared(shared, run_dir, shared_names)
-                with open(os.path.join(run_dir, "config.json"), "w") as f:
-                    f.write(config_lib.to_json(vconfig))
-                stages.run_all(stages.Context(config=vconfig, workdir=run_dir, mesh=mesh), only=["control"])
-            conditioners[name] = os.path.join(run_dir, "control")  # the control stage's directory
-        ctx = stages.Context(config=variant_config(config, s, config.control.lambda_adv), workdir=shared, mesh=mesh,
-                             cache=shared_ctx.cache)
+                link_shared(shared.path, run_dir.path, shared_names)
+                run_dir.write_config(config_lib.to_json(vconfig))
+                stages.run_all(shared_ctx.derived(vconfig, run_dir), only=["control"])
+            conditioners[name] = run_dir.stage_dir("control")
         for name in VARIANTS:
             kind = {"aldm": "control"}.get(name, name)
-            generator = images.load_generator(ctx, conditioners["aldm" if name in ("aldm", "text_layout_image")
-                                                               else "control"])
+            models = suite.load_models(shared, conditioners["aldm" if name in ("aldm", "text_layout_image")
+                                                            else "control"])
             if name == "text_only":
-                generator = generator.without_conditioner()
-            with common.timed(f"ablation: evaluate {name} seed {s}"):
-                r = images.evaluate_variant(ctx, kind, generator, segmenter, split=split, num_examples=examples,
-                                            seed=s)
+                models = images.Models(models.images.without_conditioner(), models.layout)
+            r = evaluator.evaluate_variant(kind, models, split=split, num_examples=examples, seed=s)
             first_rows.setdefault(name, r.pop("rows"))
             r.pop("rows", None)
             results[name].append(r)
     summary = summarize(results)
     out = {"variants": summary, "target": target_check(summary), "seeds": seeds, "split": split,
-           "examples": examples, "config": _plain(config), "shared": shared,
+           "examples": examples, "config": _plain(config), "shared": shared.path,
            "per_seed": {v: [{k: x for k, x in r.items() if k != "per_class_iou"} for r in rs]
                         for v, rs in results.items()}}
     if jax.process_index() == 0:
@@ -209,21 +205,17 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
     return out
 
 
-def _same_control(workdir: str, vconfig) -> bool:
+def _same_control(workdir: Workdir, vconfig) -> bool:
     """Whether `workdir`'s finished control stage is this variant's (same control config and seed)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(os.path.join(workdir, "control", "DONE.json")) or not os.path.exists(path):
+    if not workdir.is_done("control") or not workdir.has_config():
         return False
-    with open(path) as f:
-        theirs = json.load(f)
+    theirs = _plain(workdir.config())
     ours = _plain(vconfig)
     return theirs.get("control") == ours["control"] and theirs.get("seed") == ours["seed"]
 
 
 def comparison_grid(rows: Dict[str, list], spec) -> np.ndarray:
     """The same prompts across variants: caption | ground truth | text_only | control | aldm | generated layout | tli."""
-    from sdsup import viz
-
     n = min(len(r) for r in rows.values())
     grid = []
     for i in range(n):
@@ -264,8 +256,6 @@ def discussion(out: dict) -> List[str]:
 
 
 def write_report(workdir: str, out: dict) -> None:
-    from sdsup.evaluation import report
-
     v = out["variants"]
     lines = ["# Ablation: adversarial supervision (ALDM) on the segmentation conditioner", "",
              f"Split: {out['split']}, {out['examples']} examples per variant and seed, {out['seeds']} seed(s); "
@@ -285,22 +275,13 @@ def write_report(workdir: str, out: dict) -> None:
         f.write("\n".join(lines))
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import jax
-
-    config = _CONFIG.value
-    cache = config.get("jax_cache_dir") or os.path.expanduser("~/.cache/sdsup/jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    try:
-        out = run(config, _WORKDIR.value, _SEEDS.value, _FROM.value, _SPLIT.value, _EXAMPLES.value)
-    except SdsupError as e:
-        sys.exit(f"error: {e}")
+def main(f):
+    config = f.config.value
+    cli.use_compilation_cache(config)
+    out = run(config, f.workdir.value, f.seeds.value, f.from_workdir.value, f.split.value, f.examples.value)
     print(json.dumps({k: {m: round(x["mean"], 4) for m, x in d.items()} for k, d in out["variants"].items()}))
-    print(os.path.join(_WORKDIR.value, "report.md"))
+    print(os.path.join(f.workdir.value, "report.md"))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags)

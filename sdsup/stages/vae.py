@@ -18,101 +18,75 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sdsup import stages, viz
-from sdsup.data import pipeline, registry
-from sdsup.models import io as model_io
-from sdsup.models.vae import AutoencoderKL, VAEConfig
+from sdsup import model_configs, viz
+from sdsup.conditioning import images_to_float
+from sdsup.models.vae import AutoencoderKL
 from sdsup.stages import common
-from sdsup.trainer import sharding
+from sdsup.trainer import update
+from sdsup.workdir import load_model_dir
 
 NAME = "vae"
 
 
-def model_config(ctx: stages.Context) -> VAEConfig:
-    m = ctx.config.vae.model
-    return VAEConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in m.items()},
-                     sample_size=ctx.config.data.image_size)
-
-
-def load(ctx: stages.Context):
-    """(VAEConfig, params) of the finished stage (trained or pretrained)."""
-    _, config, params, _ = model_io.load(os.path.join(ctx.workdir, NAME, "model"))
-    return config, params
-
-
-def make_step(vae: AutoencoderKL, tx, cfg, shardings):
-    def loss_fn(params, batch, rng):
-        x = common.images_to_float(batch["image"])
+def loss_fn(vae: AutoencoderKL, cfg):
+    """`(params, batch, rng) -> (loss, metrics)`: L1 + L2 + KL of a reconstruction from a posterior sample."""
+    def loss(params, batch, rng):
+        x = images_to_float(batch["image"])
         posterior = vae.apply({"params": params}, x, method=vae.encode)
         rec = vae.apply({"params": params}, posterior.sample(rng), method=vae.decode).astype(jnp.float32)
         l1 = jnp.mean(jnp.abs(rec - x))
         l2 = jnp.mean(jnp.square(rec - x))
         kl = jnp.mean(posterior.kl())
-        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        total = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(l2, 1e-10))  # images span [-1, 1]
-        return loss, {"loss": loss, "loss/l1": l1, "loss/l2": l2, "loss/kl": kl, "psnr": psnr}
-
-    def step(state, batch, rng):
-        def lg(params, b, r):
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, b, r)
-            return metrics, grads
-
-        metrics, grads = common.accumulate_gradients(lg, state["params"], batch, rng, cfg.micro_batches)
-        params, opt, metrics["grad_norm"] = common.apply_gradients(tx, state["params"], state["opt"], grads)
-        return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
-
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
+        return total, {"loss": total, "loss/l1": l1, "loss/l2": l2, "loss/kl": kl, "psnr": psnr}
+    return loss
 
 
-@stages.register(NAME)
-def run(ctx: stages.Context) -> dict:
+def run(ctx: common.Context) -> dict:
     cfg = ctx.config.vae
     out = ctx.stage_dir(NAME)
     if cfg.pretrained:
-        kind, config, params, _ = model_io.load(cfg.pretrained)
-        if kind != "vae":
-            raise model_io.ModelFileError(f"config.vae.pretrained={cfg.pretrained} holds a {kind}, not a vae")
-        model_io.save(os.path.join(out, "model"), "vae", config, params)
+        config, params = load_model_dir(cfg.pretrained, "vae", what="config.vae.pretrained")
+        ctx.workdir.save_model(NAME, "model", "vae", config, params)
         return {"pretrained": cfg.pretrained}
 
-    config = model_config(ctx)
+    config = model_configs.vae(ctx.config)
     vae = AutoencoderKL(config)
-    tx, schedule = common.optimizer(cfg.optimizer, cfg.num_steps)
+    tx, _ = update.optimizer(cfg.optimizer, cfg.num_steps)
     size = ctx.config.data.image_size
 
     def init(rng):
         params = vae.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = sharding.create_sharded_in_background(init, ctx.mesh, jax.random.PRNGKey(ctx.config.seed))
-    step = make_step(vae, tx, cfg, shardings)
+    state, shardings = common.create_state(ctx, NAME, init)
+    step = update.make_step(loss_fn(vae, cfg), tx, shardings, micro_batches=cfg.micro_batches)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
-    state = common.train(ctx, NAME, cfg, state, shardings, compiled, seed_offset=1)
+    state = common.train(ctx, NAME, cfg, state, shardings, compiled)
 
     params = jax.device_get(state["params"])
     with common.timed("vae: calibration, PSNR and reconstructions"):
         scale, psnr = _calibrate_and_evaluate(ctx, vae, params, out)
     config = dataclasses.replace(config, scaling_factor=scale)
     if jax.process_index() == 0:
-        model_io.save(os.path.join(out, "model"), "vae", config, params)
+        ctx.workdir.save_model(NAME, "model", "vae", config, params)
     logging.info("vae: scaling factor %.4f, validation PSNR %.2f dB", scale, psnr)
     return {"scaling_factor": scale, "val_psnr": psnr, "steps": cfg.num_steps}
 
 
 def _calibrate_and_evaluate(ctx, vae, params, out, num_examples: int = 256):
     """Latent scaling factor from training images; PSNR and a picture on validation."""
-    spec, builder = common.dataset(ctx)
+    spec, dataset = ctx.spec, ctx.dataset
     encode = common.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).mode(), ctx)
     decode = common.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode), ctx)
     latents = []
-    for batch in pipeline.eval_batches(registry.data_source(spec, builder, "train"), tokenizer=common.tokenizer(ctx),
-                                       global_batch_size=32, limit=num_examples):
-        latents.append(np.asarray(encode(params, common.images_to_float(batch["image"]))))
+    for batch in dataset.eval_batches("train", 32, limit=num_examples):
+        latents.append(np.asarray(encode(params, images_to_float(batch["image"]))))
     scale = float(1.0 / (np.concatenate(latents).std() + 1e-8))
     errors, rows = [], []
-    for batch in pipeline.eval_batches(registry.data_source(spec, builder, "validation"),
-                                       tokenizer=common.tokenizer(ctx), global_batch_size=32, limit=num_examples):
-        x = common.images_to_float(batch["image"])
+    for batch in dataset.eval_batches("validation", 32, limit=num_examples):
+        x = images_to_float(batch["image"])
         rec = np.clip(np.asarray(decode(params, encode(params, x))), -1, 1)
         errors.append(np.mean((rec - np.asarray(x)) ** 2, axis=(1, 2, 3))[batch["mask"]])
         if not rows:

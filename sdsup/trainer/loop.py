@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
+from sdsup import viz
 from sdsup.errors import SdsupError
 from sdsup.trainer.checkpoint import Checkpointer, abstract_like
 
@@ -69,8 +71,6 @@ class _SigtermFlag:
 
 
 def threading_is_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -186,8 +186,6 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
 
 
 def _write_picture(writer, stage_dir: str, step: int, image: np.ndarray) -> None:
-    from sdsup import viz
-
     if jax.process_index() != 0:
         return
     image = np.asarray(image)

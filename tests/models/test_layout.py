@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdsup import layout_eval
+from sdsup.evaluation import layout as layout_eval
 from sdsup.models import io as model_io
 from sdsup.models.layout import LayoutConfig, LayoutModel, dummy_inputs
 

@@ -11,44 +11,36 @@ method over the whole split:
   retrieval  the map of the training example whose caption is nearest (TF-IDF cosine)
   oracle     the ground truth at the model's resolution, upsampled (the ceiling of the resolution)
 
-For the scenes, relation accuracy: the share of relations the captions state
+Where the dataset states its captions' relations (`DatasetSpec.caption_relations`,
+the scenes do), relation accuracy: the share of relations the captions state
 ("a car left of the tree", "a sun above the house") that the map's class
 centroids satisfy (a class missing from the map fails its relations).
 
 Merges its numbers into `WORKDIR/metrics.json` (per-class IoU as
 `layout/iou_<method>/<class>`) and rebuilds `WORKDIR/report.md`
-(`sdsup.evaluation.report`), with pictures under `WORKDIR/layout/`.
+(`sdsup.evaluation.report`), with pictures under `WORKDIR/layout/`. Run by the
+`layout` stage at its end, on the models it just trained.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 
-from sdsup import segmentation, viz
-from sdsup.evaluation import report
-from sdsup.data import pipeline, registry
+from sdsup import model_configs, pipelines, segmentation, viz
+from sdsup.data import pipeline
+from sdsup.data.dataset import Dataset
 from sdsup.diffusion import masked
-from sdsup.stages import common
+from sdsup.evaluation import report
+from sdsup.evaluation.images import EVAL_BATCH
+from sdsup.workdir import Workdir
 
 SPLITS = (("test", ""), ("validation", "/val"))
-# Prompts the scenes grammar never writes: other word orders, pairs held out of
-# training (HELD_OUT in sdsup/data/scenes.py), a stuff class as the only content.
-NOVEL_PROMPTS = (
-    "a red car left of a green tree. sky over grass.",
-    "sky over sand. a gray rock on the left. a house right of the rock.",
-    "a white cloud above a black rock. sky over snow with a road along the bottom.",
-    "sky over grass with a lake in the center and mountains on the horizon.",
-    "the sun at the top right above a car on the right. sky over sand.",
-    "two houses. sky over snow.",
-    "a small car right of a big house. sky over snow with mountains on the horizon.",
-    "three clouds in the sky. sky over sand with a road along the bottom.",
-)
 
 
 # ----------------------------------------------------------------------------
@@ -103,23 +95,8 @@ def oracle_map(labels: np.ndarray, factor: int, num_classes: int, ignore_id: int
 
 
 # ----------------------------------------------------------------------------
-# Relations (scenes).
+# Relations.
 # ----------------------------------------------------------------------------
-def caption_relations(scene_json: str) -> List[Tuple[str, str, str]]:
-    """(class, relation, class) that a scene's caption states ("a car left of the tree")."""
-    from sdsup.data import scenes
-
-    scene = scenes.Scene.from_json(scene_json)
-    out = []
-    for g in scene.groups:
-        if g.ref is not None:
-            r = scene.groups[g.ref]
-            rel = scenes._relation_between(g, r)
-            if rel:
-                out.append((g.cls, rel, r.cls))
-    return out
-
-
 def relation_holds(label_map: np.ndarray, a: int, relation: str, b: int) -> bool:
     """Whether class a's centroid is `relation` (left of / right of / above / below) class b's."""
     ya, xa = np.nonzero(label_map == a)
@@ -144,63 +121,62 @@ def _miou(confusion: np.ndarray) -> float:
     return float(segmentation.iou_from_confusion(confusion)[0])
 
 
-def _train_reference(ctx, spec, builder, limit: int):
+def _train_reference(dataset: Dataset, limit: int):
     """(captions, label maps) of the first `limit` training examples (retrieval and majority)."""
-    source = registry.data_source(spec, builder, "train")
+    source = dataset.source("train")
     n = min(limit, len(source))
     records = [source[i] for i in range(n)]
-    captions = [pipeline._text(r[spec.caption_field]) for r in records]
+    captions = [pipeline.text(r[dataset.spec.caption_field]) for r in records]
     labels = np.stack([np.asarray(r["label"]) for r in records])
     return captions, labels
 
 
-def eval_batch_size(ctx) -> int:
+def eval_batch_size(config) -> int:
     """The evaluation's batch; the stage's sample grid uses it too, so the samplers compile once."""
-    return min(common.EVAL_BATCH, int(ctx.config.layout.eval_examples))
+    return min(EVAL_BATCH, int(config.layout.eval_examples))
 
 
-def evaluate(ctx, models: dict) -> dict:
-    """Metrics of the layout model (keys `layout/...`); writes metrics.json, report.md and pictures."""
-    from sdsup.stages import layout as layout_stage
+def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings: pipelines.Settings) -> dict:
+    """Metrics of the layout model `models` (keys `layout/...`); writes metrics.json, report.md and pictures.
 
-    cfg = ctx.config.layout
-    spec, builder = common.dataset(ctx)
-    tok = common.tokenizer(ctx)
+    `models` is {"layout": (config, params), "text_encoder": (config, params)}.
+    """
+    cfg = config.layout
+    spec = dataset.spec
     n, ignore = spec.num_classes, spec.ignore_id
-    factor = layout_stage.downsample_factor(ctx)
-    train_captions, train_labels = _train_reference(ctx, spec, builder, int(cfg.get("reference_examples", 4000)))
+    factor = model_configs.layout_factor(config)
+    train_captions, train_labels = _train_reference(dataset, int(cfg.get("reference_examples", 4000)))
     index = CaptionIndex(train_captions)
     majority = majority_map(train_labels, n, ignore)
     seeds = int(cfg.eval_seeds)
-    batch_size = eval_batch_size(ctx)
-    scenes_like = spec.name == "scenes"
+    batch_size = eval_batch_size(config)
+    best_map = settings.layout_sampling(mode="map")
     metrics: Dict[str, float] = {}
     per_class = {}
     examples_for_report = None
 
     for split, suffix in SPLITS:
-        source = registry.data_source(spec, builder, split)
+        source = dataset.source(split)
         methods = ["map", "majority", "retrieval", "oracle"] + [f"sample{s}" for s in range(seeds)]
         conf = {m: np.zeros((n, n), np.int64) for m in methods}
         rel_hits = {m: 0 for m in methods}
         rel_total = 0
-        for bi, batch in enumerate(pipeline.eval_batches(source, tokenizer=tok, global_batch_size=batch_size,
-                                                         limit=int(cfg.eval_examples))):
+        for bi, batch in enumerate(dataset.eval_batches(split, batch_size, limit=int(cfg.eval_examples))):
             labels, keep = batch["label"], batch["mask"]
             preds = {
-                "map": layout_stage.generate(ctx, models, batch["tokens"], jax.random.PRNGKey(0), mode="map"),
+                "map": pipelines.text_to_layout(models, batch["tokens"], jax.random.PRNGKey(0), settings, best_map),
                 "majority": np.broadcast_to(majority, labels.shape),
                 "retrieval": train_labels[index.nearest(batch["caption"])],
                 "oracle": oracle_map(labels, factor, n, ignore),
             }
             for s in range(seeds):
                 rng = jax.random.fold_in(jax.random.PRNGKey(1000 + s), bi)
-                preds[f"sample{s}"] = layout_stage.generate(ctx, models, batch["tokens"], rng, mode="sample")
+                preds[f"sample{s}"] = pipelines.text_to_layout(models, batch["tokens"], rng, settings)
             for m, p in preds.items():
                 conf[m] += segmentation.confusion_matrix(p, labels, n, ignore, mask=keep)
-            if scenes_like:
+            if spec.caption_relations is not None:
                 for j in np.nonzero(keep)[0]:
-                    rels = caption_relations(pipeline._text(source[int(batch["index"][j])]["scene"]))
+                    rels = spec.caption_relations(source[int(batch["index"][j])])
                     rel_total += len(rels)
                     for m, p in preds.items():
                         rel_hits[m] += sum(relation_holds(p[j], spec.class_names.index(a), r,
@@ -216,7 +192,7 @@ def evaluate(ctx, models: dict) -> dict:
             f"layout/miou_retrieval{suffix}": _miou(conf["retrieval"]),
             f"layout/miou_oracle{suffix}": _miou(conf["oracle"]),
         })
-        if scenes_like and rel_total:
+        if rel_total:
             metrics[f"layout/relation_accuracy{suffix}"] = rel_hits["map"] / rel_total
             metrics[f"layout/relation_accuracy_sample_mean{suffix}"] = float(np.mean(
                 [rel_hits[f"sample{s}"] / rel_total for s in range(seeds)]))
@@ -230,14 +206,14 @@ def evaluate(ctx, models: dict) -> dict:
                      metrics[f"layout/miou_majority{suffix}"], metrics[f"layout/miou_oracle{suffix}"])
 
     if jax.process_index() == 0:
-        _write(ctx, metrics, per_class, spec, examples_for_report, models)
+        _write(workdir, dataset, settings, metrics, per_class, examples_for_report, models)
     return metrics
 
 
-def _write(ctx, metrics: dict, per_class: dict, spec, examples, models) -> None:
-    from sdsup.stages import layout as layout_stage
-
-    out = ctx.stage_dir("layout")
+def _write(workdir: Workdir, dataset: Dataset, settings: pipelines.Settings, metrics: dict, per_class: dict,
+           examples, models) -> None:
+    spec = dataset.spec
+    out = workdir.stage_dir("layout", create=True)
     batch, preds = examples
     rows = [{"caption": batch["caption"][j],
              "panels": [batch["label"][j], preds["map"][j], preds["sample0"][j], preds["sample1" if "sample1" in preds
@@ -246,18 +222,20 @@ def _write(ctx, metrics: dict, per_class: dict, spec, examples, models) -> None:
             for j in range(min(8, len(batch["caption"])))]
     viz.save_png(viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id),
                  os.path.join(out, "report_test.png"))
-    tok = common.tokenizer(ctx)
-    # 8 prompts: they share the evaluation's compiled sampler only when its batch is 8 too (smoke).
-    tokens = np.stack([tok.encode(p) for p in NOVEL_PROMPTS])
-    best = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(0), mode="map")
-    sampled = layout_stage.generate(ctx, models, tokens, jax.random.PRNGKey(7), mode="sample")
-    viz.save_png(viz.captioned_grid([{"caption": p, "panels": [m, s]} for p, m, s in zip(NOVEL_PROMPTS, best, sampled)],
-                                    spec.class_names, spec.palette, spec.ignore_id),
-                 os.path.join(out, "report_novel.png"))
+    if spec.novel_prompts:
+        # 8 prompts: they share the evaluation's compiled sampler only when its batch is 8 too (smoke).
+        prompts = list(spec.novel_prompts)
+        tokens = np.stack([dataset.tokenizer.encode(p) for p in prompts])
+        best = pipelines.text_to_layout(models, tokens, jax.random.PRNGKey(0), settings,
+                                        settings.layout_sampling(mode="map"))
+        sampled = pipelines.text_to_layout(models, tokens, jax.random.PRNGKey(7), settings)
+        viz.save_png(viz.captioned_grid([{"caption": p, "panels": [m, s]} for p, m, s in zip(prompts, best, sampled)],
+                                        spec.class_names, spec.palette, spec.ignore_id),
+                     os.path.join(out, "report_novel.png"))
 
     per_class_metrics = {}
     for method, key in (("map", "map"), ("sample0", "sample"), ("retrieval", "retrieval")):
         for c, name in enumerate(spec.class_names):
             per_class_metrics[f"layout/iou_{key}/{name}"] = float(per_class["test"][method][c])
-    report.merge_metrics(ctx.workdir, dict(metrics, **per_class_metrics))
-    report.write_report(ctx.workdir)
+    report.merge_metrics(workdir.path, dict(metrics, **per_class_metrics))
+    report.write_report(workdir.path)

@@ -1,0 +1,65 @@
+"""An opened dataset: its spec, its tfds builder and the run's tokenizer, with the batches everything reads.
+
+Stages, the evaluation and the ablation read examples only through a
+`Dataset`, so the split sources, the tokenizer and the caption hooks are set
+up in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Optional
+
+import jax
+from jax.experimental import multihost_utils
+
+from sdsup.data import pipeline, registry, tokenizers
+
+
+@dataclasses.dataclass
+class Dataset:
+    spec: registry.DatasetSpec
+    builder: Any  # the tfds builder (array_record)
+    tokenizer: Any
+
+    @classmethod
+    def open(cls, config, tokenizer=None) -> "Dataset":
+        """The config's dataset (with `tokenizer`, default the one config.text names), built first where it
+        can be built here and is not yet.
+
+        Process 0 prepares it first so processes sharing a data_dir never race;
+        the others then find it built (or build their own local copy).
+        """
+        spec = registry.get(config.data.name)
+        if jax.process_index() == 0:
+            builder = registry.prepare(spec, config.data)
+        multihost_utils.sync_global_devices("dataset prepared")
+        if jax.process_index() != 0:
+            builder = registry.prepare(spec, config.data)
+        return cls(spec, builder, tokenizer if tokenizer is not None else text_tokenizer(config))
+
+    def source(self, split: str):
+        """Random-access source of decoded records of a split."""
+        return registry.data_source(self.spec, self.builder, split)
+
+    def eval_batches(self, split: str, batch_size: int, limit: Optional[int] = None) -> Iterator[dict]:
+        """One ordered pass over (the first `limit` examples of) a split, unaugmented, with captions and a mask.
+
+        Whole batches in every process: evaluations run host-local (see `pipeline.eval_batches`).
+        """
+        return pipeline.eval_batches(self.source(split), tokenizer=self.tokenizer, global_batch_size=batch_size,
+                                     caption_field=self.spec.caption_field, limit=limit)
+
+    def train_dataset(self, *, global_batch_size: int, seed: int, flip: bool, num_threads: int, prefetch: int):
+        """This process's endless stream of augmented training batches (a resumable grain iterator)."""
+        return pipeline.train_dataset(
+            self.source("train"), tokenizer=self.tokenizer, global_batch_size=global_batch_size, seed=seed,
+            process_index=jax.process_index(), process_count=jax.process_count(), flip=flip,
+            caption_field=self.spec.caption_field, num_threads=num_threads, prefetch=prefetch,
+            flip_caption=self.spec.flip_caption)
+
+
+def text_tokenizer(config):
+    """The tokenizer `config.text` names."""
+    t = config.text
+    return tokenizers.build(t.tokenizer, max_length=t.max_length, path=t.tokenizer_path)

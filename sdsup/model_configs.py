@@ -1,0 +1,112 @@
+"""Config sections -> model configs: the one place a `config.<stage>.*` block becomes a model dataclass.
+
+Each function reads the run's `ml_collections` config (and, where a size
+comes from elsewhere, the tokenizer or the dataset's class count) and
+returns the frozen dataclass the Flax model takes. Lists from JSON-loaded
+configs (an old workdir's config.json) become tuples here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Tuple, Type, TypeVar
+
+import jax.numpy as jnp
+
+from sdsup.diffusion import schedule as schedule_lib
+from sdsup.models.clip_text import CLIPTextConfig
+from sdsup.models.controlnet import ControlNetConfig
+from sdsup.models.layout import LayoutConfig
+from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
+from sdsup.models.unet import UNetConfig
+from sdsup.models.vae import VAEConfig
+
+T = TypeVar("T")
+
+
+def fields(section: Mapping[str, Any]) -> dict:
+    """A config section as keyword arguments: lists become tuples (dataclass configs are hashable)."""
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in section.items()}
+
+
+def dataclass_from(cls: Type[T], section: Mapping[str, Any], **extra: Any) -> T:
+    """`cls(**section, **extra)` with lists as tuples; `extra` are the fields the section does not set."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    merged = dict(fields(section), **extra)
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no fields {unknown}")
+    return cls(**merged)
+
+
+def vae(config) -> VAEConfig:
+    return dataclass_from(VAEConfig, config.vae.model, sample_size=config.data.image_size)
+
+
+def schedule_args(config) -> tuple:
+    """(kind, num_train_timesteps, beta_start, beta_end, prediction_type): `make_schedule`'s arguments, hashable."""
+    s = config.diffusion
+    return (s.schedule, int(s.num_train_timesteps), float(s.beta_start), float(s.beta_end), s.prediction_type)
+
+
+def noise_schedule(config) -> schedule_lib.NoiseSchedule:
+    return schedule_lib.make_schedule(*schedule_args(config))
+
+
+def ldm(config, tokenizer) -> Tuple[UNetConfig, CLIPTextConfig]:
+    """(UNetConfig, CLIPTextConfig) of the ldm stage, sized from the VAE and the tokenizer."""
+    vae_config = vae(config)
+    text = dataclass_from(CLIPTextConfig, config.ldm.text_encoder, vocab_size=tokenizer.vocab_size,
+                          max_position_embeddings=config.text.max_length, pad_token_id=tokenizer.pad_id,
+                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    unet = dataclass_from(UNetConfig, config.ldm.unet, in_channels=vae_config.latent_channels,
+                          out_channels=vae_config.latent_channels, cross_attention_dim=text.hidden_size,
+                          sample_size=config.data.image_size // vae_config.downsample_factor)
+    return unet, text
+
+
+def layout(config, num_classes: int, text_dim: int) -> LayoutConfig:
+    c = config.layout
+    return LayoutConfig.build(num_classes, int(c.resolution), int(c.embed_dim), text_dim,
+                              position_embedding=bool(c.get("position_embedding", False)), **fields(c.unet))
+
+
+def layout_factor(config) -> int:
+    """Image pixels per layout-map pixel along each side."""
+    size, res = int(config.data.image_size), int(config.layout.resolution)
+    if size % res:
+        raise ValueError(f"layout.resolution={res} must divide data.image_size={size}")
+    return size // res
+
+
+def controlnet(config, unet_config: UNetConfig, table_dim: int) -> ControlNetConfig:
+    c = config.control
+    hint = tuple(c.hint_channels) if c.hint_channels else None
+    dim = table_dim if c.layout_encoding == "class_embedding" else None
+    return ControlNetConfig.from_unet(unet_config, c.layout_encoding, dim, hint,
+                                      vae_scale_factor=vae(config).downsample_factor)
+
+
+def segmenter(model_section: Mapping[str, Any], num_classes: int, *, fake_class: bool = False) -> SegmenterConfig:
+    """The segmenter of `model_section` over `num_classes`; with `fake_class` the discriminator's N+1 outputs."""
+    seg = dataclass_from(SegmenterConfig, model_section, num_classes=num_classes)
+    return seg.with_fake_class() if fake_class else seg
+
+
+def discriminator(config, num_classes: int) -> SegmenterConfig:
+    """The adversarial segmenter (config.discriminator.model): N classes + "fake", last."""
+    return segmenter(config.discriminator.model, num_classes, fake_class=True)
+
+
+def evalseg(config, num_classes: int) -> SegmenterConfig:
+    return segmenter(config.evalseg.model, num_classes)
+
+
+def discriminator_network(config, seg_config: SegmenterConfig) -> UperNetSegmenter:
+    """The discriminator's module inside the control step: rematerialised and in the compute dtype the config asks.
+
+    Parameters, BatchNorm statistics and the logits stay float32 whatever the compute dtype.
+    """
+    c = config.control
+    return UperNetSegmenter(seg_config, remat=bool(c.get("remat_discriminator", False)),
+                            dtype=jnp.dtype(c.get("discriminator_dtype", "float32")))
