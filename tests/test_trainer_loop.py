@@ -247,3 +247,16 @@ def test_a_warmed_up_function_compiles_once_and_waits_for_the_warm_up():
     after = common.warm_up("broken", lambda: sampler({"w": np.ones((5, 3), np.float32)}, x))
     with pytest.raises(TypeError):
         after(sampler)({"w": np.ones((5, 3), np.float32)}, x)
+
+
+def test_every_stage_has_its_own_random_streams():
+    """Initialisation, data order and step noise differ between stages (layout and discriminator once shared them)."""
+    import ml_collections
+
+    ctx = common.Context(config=ml_collections.ConfigDict({"seed": 0}), workdir=None, mesh=None)
+    keys = {(name, stream): tuple(np.asarray(jax.random.key_data(common.stage_key(ctx, name, stream))).ravel())
+            for name in common.STAGE_IDS for stream in (common.INIT, common.DATA, common.STEPS)}
+    assert len(set(keys.values())) == len(keys)
+    seeds = {name: common.data_seed(ctx, name) for name in common.STAGE_IDS}
+    assert len(set(seeds.values())) == len(seeds)
+    assert common.data_seed(ctx, "layout") == common.data_seed(ctx, "layout")  # deterministic

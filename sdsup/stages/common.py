@@ -23,9 +23,11 @@ from sdsup.workdir import Workdir
 # Rows of every sample grid. Evaluation batches of the same size reuse the grids' compiled samplers
 # (configs/scenes.py:smoke evaluates 8 examples per split for exactly that reason).
 GRID_ROWS = 8
-# Each stage's random streams (initialisation, data order, step noise): offsets of the run's seed.
-STAGE_SEED_OFFSETS = {"vae": (0, 1), "ldm": (0, 11), "layout": (50, 51), "discriminator": (50, 51),
-                      "control": (40, 41), "evalseg": (30, 31)}
+# Each stage's random streams (initialisation, data order, step noise) come from the run's seed folded
+# with the stage's number, so no two stages share a stream. Fixed numbers, not positions: a new stage
+# must not change the others' streams.
+STAGE_IDS = {"vae": 1, "ldm": 2, "layout": 3, "discriminator": 4, "control": 5, "evalseg": 6}
+INIT, DATA, STEPS = 0, 1, 2  # the streams of a stage
 
 
 @dataclasses.dataclass
@@ -68,14 +70,19 @@ class Context:
         return pipelines.Settings.from_config(self.config, self.tokenizer, self.spec)
 
 
+def stage_key(ctx: Context, name: str, stream: int) -> jax.Array:
+    """Stream `stream` (INIT, DATA or STEPS) of stage `name`: fold_in(fold_in(PRNGKey(seed), stage), stream)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(ctx.config.seed), STAGE_IDS[name]), stream)
+
+
 def init_rng(ctx: Context, name: str) -> jax.Array:
     """The key that initialises stage `name`'s networks."""
-    return jax.random.PRNGKey(ctx.config.seed + STAGE_SEED_OFFSETS[name][0])
+    return stage_key(ctx, name, INIT)
 
 
 def data_seed(ctx: Context, name: str) -> int:
-    """Stage `name`'s data order (grain's integer seed); its step noise is `PRNGKey(data_seed + 1)`."""
-    return ctx.config.seed + STAGE_SEED_OFFSETS[name][1]
+    """Stage `name`'s data order: grain's integer seed, drawn from the stage's DATA stream."""
+    return int(jax.random.randint(stage_key(ctx, name, DATA), (), 0, 2 ** 31 - 1))
 
 
 def train_batches(ctx: Context, seed: int, data_state: Optional[dict] = None,
@@ -190,8 +197,8 @@ def train(ctx: Context, name: str, cfg, state: Any, shardings: Any, step_fn: Cal
           pictures: Optional[Callable] = None, learning_rates: Optional[dict] = None):
     """Runs the shared loop for stage `name` with its config section `cfg`.
 
-    The data order and step rngs come from the stage's own stream
-    (`data_seed`). `pictures(step, state)` (a sample grid) runs every
+    The data order and the step rngs come from the stage's own streams
+    (`stage_key`). `pictures(step, state)` (a sample grid) runs every
     `cfg.sample_every` steps when set. `learning_rates` ({metric name: step ->
     lr}) defaults to the schedule of `cfg.optimizer`. `state` may be a
     `sharding.PendingState`.
@@ -201,7 +208,7 @@ def train(ctx: Context, name: str, cfg, state: Any, shardings: Any, step_fn: Cal
     batches = lambda data_state: train_batches(ctx, seed=seed, data_state=data_state, global_batch_size=cfg.batch_size)
     return loop.run(
         name=name, stage_dir=ctx.stage_dir(name), state=state, shardings=shardings, step_fn=step_fn,
-        make_batches=batches, rng=jax.random.PRNGKey(seed + 1), num_steps=cfg.num_steps,
+        make_batches=batches, rng=stage_key(ctx, name, STEPS), num_steps=cfg.num_steps,
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
         config=ctx.config.to_dict(), batch_size=cfg.batch_size, flops_per_step=loop.step_flops(step_fn),
         peak_tflops=ctx.config.get("peak_tflops"), pictures=pictures, picture_every=int(cfg.get("sample_every", 0)),
