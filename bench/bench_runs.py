@@ -21,21 +21,21 @@ import sys
 import tempfile
 import time
 
+from sdsup.evaluation import report
+from sdsup.workdir import Workdir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _stage_times(workdir: str) -> tuple:
-    """({stage: seconds}, {stage: step compile seconds}) of the stages trained in `workdir`."""
+def _stage_times(path: str) -> tuple:
+    """({stage: seconds}, {stage: step compile seconds}) of the stages trained in the workdir at `path`."""
+    workdir = Workdir(path)
     stages, compiles = {}, {}
-    with open(os.path.join(workdir, "config.json")) as f:
-        names = json.load(f)["stages"]
-    for stage in names:
-        path = os.path.join(workdir, stage, "DONE.json")
+    for stage in workdir.config().stages:
         # Links are an ablation run's shared stages, counted where they were trained.
-        if os.path.islink(os.path.join(workdir, stage)) or not os.path.exists(path):
+        if os.path.islink(workdir.stage_dir(stage)) or not workdir.is_done(stage):
             continue
-        with open(path) as f:
-            done = json.load(f)
+        done = workdir.summary(stage)
         stages[stage] = done.get("seconds")
         if "compile_s" in done:
             compiles[stage] = done["compile_s"]
@@ -52,7 +52,7 @@ def _read_json(path: str) -> dict:
 def _train_results(workdir: str) -> tuple:
     """(stage seconds, step compile seconds, metrics) of a `sdsup.train` workdir."""
     stages, compiles = _stage_times(workdir)
-    metrics = {k: v for k, v in _read_json(os.path.join(workdir, "metrics.json")).items() if "/iou" not in k}
+    metrics = {k: v for k, v in report.read_metrics(workdir).items() if "/iou" not in k}
     return stages, compiles, metrics
 
 

@@ -1,6 +1,6 @@
 """ALDM at Stable Diffusion scale, on paper: compiled ahead of time, nothing allocated.
 
-The control step of `sdsup.stages.control` with SD-1.5's UNet (frozen, bf16
+The ALDM control step (`sdsup.aldm`) with SD-1.5's UNet (frozen, bf16
 compute, rematerialised blocks), its ControlNet (class-embedding layout at
 1/4 size, 768-wide CLIP vectors; trainable, AdamW, EMA), SD's VAE decoder
 (with gradient, rematerialised, bf16), CLIP ViT-L/14's text transformer and

@@ -109,7 +109,8 @@ def get_config(arg: str = ""):
       prediction_type="v_prediction"))
   # Sampling for pictures and evaluation: DDIM, eta 0, classifier-free guidance 3 (1 / 3 / 5 measured,
   # docs/tuning.md: 3 keeps the caption's hold on the image).
-  c.sampling = ml_collections.ConfigDict(dict(steps=25, eta=0.0, guidance=3.0))
+  # solver: "ddim" (eta as given) or "dpm_solver_pp_2m" (deterministic; eta unused).
+  c.sampling = ml_collections.ConfigDict(dict(solver="ddim", steps=25, eta=0.0, guidance=3.0))
 
   # Stage `ldm`: text encoder + latent UNet, trained jointly on the VAE's latents.
   c.ldm = ml_collections.ConfigDict()

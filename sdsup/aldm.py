@@ -140,8 +140,7 @@ class Objective:
 
         @jax.checkpoint
         def run(vae_params, z):
-            x = vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode)
-            return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
+            return jnp.clip(vae.decode_latents(vae_params, z).astype(jnp.float32), -1.0, 1.0)
 
         return run(vae_params, z)
 

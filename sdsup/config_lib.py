@@ -20,6 +20,8 @@ from sdsup.errors import ConfigError
 
 # Every stage a config may list, in the order they can run (`sdsup.stages` implements each).
 STAGES = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
+# Image samplers `config.sampling.solver` may name (`sdsup.pipelines`).
+SOLVERS = ("ddim", "dpm_solver_pp_2m")
 # Keys that moved: old key -> new key. A user's override of an old key fails naming the new one;
 # `upgrade` carries a saved config (an old workdir's config.json) over.
 RENAMED = {
@@ -77,6 +79,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  "must be a positive integer or -1", size)
     _positive_int(config, "preview_examples")
+    if "sampling" in config:
+        _positive_int(config, "sampling.steps")
+        solver = config.sampling.get("solver", "ddim")
+        _require(solver in SOLVERS, "sampling.solver", f"must be one of {SOLVERS}", solver)
     for stage in ("vae", "ldm", "layout", "discriminator", "control", "evalseg"):
         if stage in stage_names and stage in config:
             _validate_training_stage(config, stage)

@@ -136,12 +136,13 @@ class Session:
         return ids.astype(np.uint8)
 
     def images(self, prompt: str, layout: Optional[np.ndarray], num_samples: int = 1, seed: int = 0,
-               steps: Optional[int] = None, guidance: Optional[float] = None) -> np.ndarray:
+               steps: Optional[int] = None, guidance: Optional[float] = None,
+               solver: Optional[str] = None) -> np.ndarray:
         """uint8 [num_samples, H, W, 3]; with `layout` ([H, W], or one map per sample [N, H, W]) through the
         conditioner."""
         tokens = self.tokens(prompt, num_samples)
         rng = jax.random.PRNGKey(seed)
-        settings = self.settings.with_overrides(steps, guidance)
+        settings = self.settings.with_overrides(steps, guidance, solver)
         if layout is None:
             return pipelines.text_to_image(self.image_models(), tokens, rng, settings)
         if not self.has_conditioner:

@@ -7,7 +7,8 @@ benchmarks all share one cache of compiled samplers (keyed by the model
 configs and the sampling settings) and compile each sampler once per
 process.
 
-  text_to_image    DDIM with classifier-free guidance on the text-conditional UNet;
+  text_to_image    DDIM (or DPM-Solver++(2M), `sampling.solver`) with classifier-free guidance on the
+                   text-conditional UNet;
   layout_to_image  the same with the segmentation conditioner's residuals from a
                    class map (the layout stays in the unconditional branch, as in ALDM);
   text_to_layout   masked discrete diffusion over class maps: the most probable map
@@ -66,6 +67,7 @@ class Settings:
     schedule_args: tuple  # `model_configs.schedule_args`: hashable, unlike the schedule's array
     prompting: conditioning.Prompting
     layout_encoding: conditioning.LayoutEncoding
+    solver: str = "ddim"  # or "dpm_solver_pp_2m"
     steps: int = 25
     guidance: float = 3.0
     eta: float = 0.0
@@ -86,7 +88,8 @@ class Settings:
             factor = model_configs.layout_factor(config)
         return cls(image_size=int(config.data.image_size), schedule_args=model_configs.schedule_args(config),
                    prompting=conditioning.Prompting.from_tokenizer(tokenizer),
-                   layout_encoding=conditioning.LayoutEncoding.from_spec(spec), steps=int(s.steps),
+                   layout_encoding=conditioning.LayoutEncoding.from_spec(spec), solver=s.get("solver", "ddim"),
+                   steps=int(s.steps),
                    guidance=float(s.guidance), eta=float(s.eta),
                    conditioning_scale=float(config.control.conditioning_scale) if "control" in config else 1.0,
                    layout=layout, layout_factor=factor,
@@ -96,10 +99,12 @@ class Settings:
     def schedule(self) -> schedule_lib.NoiseSchedule:
         return schedule_lib.make_schedule(*self.schedule_args)
 
-    def with_overrides(self, steps: Optional[int] = None, guidance: Optional[float] = None) -> "Settings":
-        """These settings with the image sampler's steps or guidance replaced where given."""
+    def with_overrides(self, steps: Optional[int] = None, guidance: Optional[float] = None,
+                       solver: Optional[str] = None) -> "Settings":
+        """These settings with the image sampler's steps, guidance or solver replaced where given."""
         return dataclasses.replace(self, steps=self.steps if steps is None else int(steps),
-                                   guidance=self.guidance if guidance is None else float(guidance))
+                                   guidance=self.guidance if guidance is None else float(guidance),
+                                   solver=self.solver if solver is None else solver)
 
     def layout_sampling(self, mode: Optional[str] = None, steps: Optional[int] = None,
                         temperature: Optional[float] = None, guidance: Optional[float] = None) -> LayoutSampling:
@@ -196,9 +201,12 @@ def _image_sampler(unet_config, text_config, vae_config, cn_config, settings: Se
 
         denoise = samplers.classifier_free_guidance(model_fn, settings.guidance, cond, uncond, hint)
         z = jax.random.normal(rng, (tokens.shape[0], latent, latent, vae_config.latent_channels))
-        z = samplers.ddim_sample(denoise, schedule, z, settings.steps, eta=settings.eta,
-                                 rng=jax.random.fold_in(rng, 1))
-        x = vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode)
+        if settings.solver == "dpm_solver_pp_2m":
+            z = samplers.dpm_solver_pp_2m_sample(denoise, schedule, z, settings.steps)
+        else:
+            z = samplers.ddim_sample(denoise, schedule, z, settings.steps, eta=settings.eta,
+                                     rng=jax.random.fold_in(rng, 1))
+        x = vae.decode_latents(vae_params, z)
         return jnp.clip((x + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
 
     return _jit(run, settings)

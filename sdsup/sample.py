@@ -26,6 +26,8 @@ def define_flags():
     f.num = flags.DEFINE_integer("num_samples", 1, "Images to generate.")
     f.steps = flags.DEFINE_integer("steps", None, "DDIM steps (default: the config's sampling.steps).")
     f.guidance = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
+    f.solver = flags.DEFINE_enum("solver", None, ["ddim", "dpm_solver_pp_2m"],
+                                 "Image sampler (default: the config's sampling.solver).")
     f.layout_only = flags.DEFINE_bool("layout_only", False, "Only generate layouts from the prompt (no images).")
     f.layout_mode = flags.DEFINE_enum("layout_mode", "sample", ["sample", "map"],
                                       "Generated layouts: sampled (diverse) or the most probable map.")
@@ -54,11 +56,12 @@ def main(f):
         if f.layout_only.value:
             return
         images = session.images(prompt, layouts if session.has_conditioner else None, f.num.value, f.seed.value,
-                                f.steps.value, f.guidance.value)
+                                f.steps.value, f.guidance.value, f.solver.value)
         for path in session.save(f.out.value, images, None, prompt):
             print(path)
         return
-    images = session.images(prompt, layout, f.num.value, f.seed.value, f.steps.value, f.guidance.value)
+    images = session.images(prompt, layout, f.num.value, f.seed.value, f.steps.value, f.guidance.value,
+                            f.solver.value)
     for path in session.save(f.out.value, images, layout, prompt):
         print(path)
 

@@ -84,6 +84,9 @@ def test_clip_tokenizer_needs_a_path():
     ("--config.input.batch_size=abc", "--config.input.batch_size=abc"),
     ("--config.data.image_size=30", "config.data.image_size must be a multiple of 8"),
     ("--config.mesh.data=3", "needs 3 devices, but 1 are available"),
+    ("--config.control.discriminator.depths=(2,2,2)",
+     "config.control.discriminator was renamed: use config.discriminator.model.depths"),
+    ("--config.mesh.tensor=2", "config.mesh.tensor was removed"),
 ])
 def test_cli_config_errors_are_one_clear_line(tmp_path, override, message):
     workdir = tmp_path / "wd"

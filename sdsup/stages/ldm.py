@@ -36,8 +36,7 @@ def loss_fn(unet, text_model, vae, cfg, schedule, prompting: conditioning.Prompt
     def loss(params, batch, rng, vae_params):
         rng_z, rng_drop, rng_t, rng_n = jax.random.split(rng, 4)
         x = conditioning.images_to_float(batch["image"])
-        posterior = vae.apply({"params": vae_params}, x, method=vae.encode)
-        z0 = jax.lax.stop_gradient(vae.scale_latents(posterior.sample(rng_z)))
+        z0 = jax.lax.stop_gradient(vae.encode_to_latents(vae_params, x, rng_z))
         drop = jax.random.uniform(rng_drop, (x.shape[0], 1)) < cfg.caption_dropout
         tokens = jnp.where(drop, empty[None, :], batch["tokens"])
         context = conditioning.encode_text(text_model, params["text_encoder"], tokens, prompting.pad_id)
