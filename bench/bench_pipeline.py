@@ -46,7 +46,7 @@ def random_workdir(root: str, config) -> str:
     """A workdir whose vae, ldm, layout and control stages hold random weights of the config's sizes."""
     workdir = Workdir(root)
     workdir.write_config(config_lib.to_json(config))
-    spec = registry.get(config.data.name)
+    spec = registry.for_config(config.data)
     unet_config, text_config = model_configs.ldm(config, dataset.text_tokenizer(config))
     vae_config = model_configs.vae(config)
     table = np.random.default_rng(0).standard_normal((spec.num_classes, text_config.hidden_size)).astype(np.float32)

@@ -68,6 +68,14 @@ def get_config(arg: str = ""):
   c.data.num_train = 8000
   c.data.num_validation = 500
   c.data.num_test = 500
+  # Real datasets and the user's own folder (docs/data.md): where their files are, captions, geometry.
+  # `--config.data.name=folder --config.data.path=DIR` trains on DIR/images, DIR/labels, DIR/classes.txt.
+  c.data.path = config_dict.placeholder(str)
+  c.data.captions = config_dict.placeholder(str)  # JSON {stem: caption}; comma-separated files are merged
+  c.data.missing_captions = "error"  # or "empty": images without a caption train with ""
+  c.data.validation_fraction = 0.1  # `folder` without split lists
+  c.data.resize = ()  # (H, W) before the image_size crop; () = (image_size, image_size)
+  c.data.resize_mode = "stretch"  # or "keep_aspect"
 
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 32  # global, over all processes

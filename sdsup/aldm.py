@@ -496,7 +496,7 @@ def random_setup(config, tokenizer, mesh=None, seed: int = 0):
 
     For benchmarks and tests of the step itself: no workdir, no training.
     """
-    spec = registry.get(config.data.name)
+    spec = registry.for_config(config.data)
     unet_config, text_config = model_configs.ldm(config, tokenizer)
     table = np.random.default_rng(seed).normal(size=(spec.num_classes, text_config.hidden_size)).astype(np.float32)
     setup = Setup(config, spec, tokenizer, unet_config, model_configs.vae(config), text_config, table, mesh)

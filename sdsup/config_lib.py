@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from sdsup.data import registry
+from sdsup.data.pipeline import RESIZE_MODES
 from sdsup.diffusion.masked import UPSAMPLE_METHODS
 from sdsup.errors import ConfigError
 
@@ -66,6 +67,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     size = _get(config, "data.image_size")
     _require(isinstance(size, int) and size >= 16 and size % 8 == 0, "data.image_size",
              "must be a multiple of 8 and at least 16", size)
+    if "resize_mode" in config.data:
+        _require(config.data.resize_mode in RESIZE_MODES, "data.resize_mode", f"must be one of {RESIZE_MODES}",
+                 config.data.resize_mode)
+    if config.data.get("resize"):
+        resize = tuple(config.data.resize)
+        _require(len(resize) == 2 and all(isinstance(v, int) and v >= size for v in resize), "data.resize",
+                 f"must be () or (H, W), each at least data.image_size={size}", resize)
+    if "missing_captions" in config.data:
+        _require(config.data.missing_captions in ("error", "empty"), "data.missing_captions",
+                 "must be 'error' or 'empty'", config.data.missing_captions)
     for key in ("data.num_train", "data.num_validation", "data.num_test", "input.batch_size",
                 "input.num_threads", "input.prefetch", "input.device_prefetch", "text.max_length"):
         _positive_int(config, key)

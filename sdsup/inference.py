@@ -90,7 +90,7 @@ class Session:
         self.config = config if config is not None else workdir.config()
         workdir.require("ldm")
         workdir.require("vae")
-        self.spec = registry.get(self.config.data.name)
+        self.spec = registry.for_config(self.config.data)
         self.size = int(self.config.data.image_size)
         self.tokenizer = dataset_lib.text_tokenizer(self.config)
         self.settings = pipelines.Settings.from_config(self.config, self.tokenizer, self.spec)

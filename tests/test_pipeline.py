@@ -184,3 +184,61 @@ def test_unknown_dataset_and_split():
         registry.get("ade21k")
     with pytest.raises(registry.DatasetError, match="no split 'dev'"):
         registry.data_source(registry.SCENES, None, "dev")
+
+
+def _png(array) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_real_records_are_decoded_resized_and_cropped_at_read_time():
+    """Encoded files -> the square the models see: stretch (ALDM's ADE20K, COCO-Stuff) or resize + crop (Cityscapes)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (20, 40, 3), dtype=np.uint8)
+    label = np.zeros((20, 40), np.uint8)
+    label[:, 20:] = 3  # right half class 3
+    record_image, record_label = _png(image), _png(label)
+
+    square = pipeline.Geometry(16)
+    img, lab = square.apply(record_image, record_label, None)
+    assert img.shape == (16, 16, 3) and lab.shape == (16, 16) and lab.dtype == np.uint8
+    assert set(np.unique(lab)) == {0, 3}  # nearest neighbour: no blended ids
+    np.testing.assert_array_equal(lab[:, :8], 0)
+    np.testing.assert_array_equal(lab[:, 8:], 3)
+
+    wide = pipeline.Geometry(8, resize=(8, 16))  # Cityscapes-like: 1:2, then an 8x8 crop
+    centre, centre_lab = wide.apply(record_image, record_label, None)
+    assert centre.shape == (8, 8, 3) and set(np.unique(centre_lab)) == {0, 3}
+    crops = {tuple(np.unique(wide.apply(record_image, record_label, np.random.default_rng(s))[1]))
+             for s in range(200)}
+    assert {(0,), (3,)} <= crops  # random crops reach both halves
+
+    keep = pipeline.Geometry(10, mode="keep_aspect")
+    img, lab = keep.apply(record_image, record_label, None)  # 20x40 -> 10x20, centre 10x10
+    assert img.shape == (10, 10, 3) and set(np.unique(lab)) == {0, 3}
+
+    # Arrays of the final size (the scenes) pass unchanged.
+    same = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16), np.uint8)
+    out = square.apply(*same, np.random.default_rng(0))
+    assert out[0] is same[0] and out[1] is same[1]
+    with pytest.raises(ValueError, match="smaller than"):
+        pipeline.Geometry(16, resize=(8, 32))
+
+
+def test_one_of_several_captions_is_drawn_per_example_and_epoch(tok):
+    """COCO's five captions: training draws one with the example's rng (reproducible), evaluation takes the first."""
+    import json
+
+    record = {"image": np.zeros((8, 8, 3), np.uint8), "label": np.zeros((8, 8), np.uint8), "caption": "a",
+              "captions": json.dumps(["sky over grass.", "sky over sand.", "sky over snow."])}
+    train = pipeline.Preprocess(tok, flip=False, keep_metadata=True, geometry=pipeline.Geometry(8))
+    drawn = [train.random_map(record, np.random.default_rng(s))["caption"] for s in range(30)]
+    assert set(drawn) == {"sky over grass.", "sky over sand.", "sky over snow."}
+    assert drawn == [train.random_map(record, np.random.default_rng(s))["caption"] for s in range(30)]
+    evaluation = pipeline.Preprocess(tok, flip=False, keep_metadata=True, geometry=pipeline.Geometry(8), train=False)
+    assert evaluation.random_map(record, None)["caption"] == "sky over grass."

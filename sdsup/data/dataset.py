@@ -21,6 +21,7 @@ class Dataset:
     spec: registry.DatasetSpec
     builder: Any  # the tfds builder (array_record)
     tokenizer: Any
+    geometry: Optional[pipeline.Geometry] = None  # decode, resize, crop at read time (`geometry(config)`)
 
     @classmethod
     def open(cls, config, tokenizer=None) -> "Dataset":
@@ -30,13 +31,13 @@ class Dataset:
         Process 0 prepares it first so processes sharing a data_dir never race;
         the others then find it built (or build their own local copy).
         """
-        spec = registry.get(config.data.name)
+        spec = registry.for_config(config.data)
         if jax.process_index() == 0:
             builder = registry.prepare(spec, config.data)
         multihost_utils.sync_global_devices("dataset prepared")
         if jax.process_index() != 0:
             builder = registry.prepare(spec, config.data)
-        return cls(spec, builder, tokenizer if tokenizer is not None else text_tokenizer(config))
+        return cls(spec, builder, tokenizer if tokenizer is not None else text_tokenizer(config), geometry(config))
 
     def source(self, split: str):
         """Random-access source of decoded records of a split."""
@@ -48,7 +49,7 @@ class Dataset:
         Whole batches in every process: evaluations run host-local (see `pipeline.eval_batches`).
         """
         return pipeline.eval_batches(self.source(split), tokenizer=self.tokenizer, global_batch_size=batch_size,
-                                     caption_field=self.spec.caption_field, limit=limit)
+                                     caption_field=self.spec.caption_field, limit=limit, geometry=self.geometry)
 
     def train_dataset(self, *, global_batch_size: int, seed: int, flip: bool, num_threads: int, prefetch: int):
         """This process's endless stream of augmented training batches (a resumable grain iterator)."""
@@ -56,10 +57,17 @@ class Dataset:
             self.source("train"), tokenizer=self.tokenizer, global_batch_size=global_batch_size, seed=seed,
             process_index=jax.process_index(), process_count=jax.process_count(), flip=flip,
             caption_field=self.spec.caption_field, num_threads=num_threads, prefetch=prefetch,
-            flip_caption=self.spec.flip_caption)
+            flip_caption=self.spec.flip_caption, geometry=self.geometry)
 
 
 def text_tokenizer(config):
     """The tokenizer `config.text` names."""
     t = config.text
     return tokenizers.build(t.tokenizer, max_length=t.max_length, path=t.tokenizer_path)
+
+
+def geometry(config) -> pipeline.Geometry:
+    """How records become `data.image_size` squares (`data.resize`, `data.resize_mode`): real datasets' files are
+    decoded, resized and cropped at read time; records that are already such arrays (the scenes) pass as they are."""
+    return pipeline.Geometry(int(config.data.image_size), tuple(config.data.get("resize", ()) or ()),
+                             config.data.get("resize_mode", "stretch"))

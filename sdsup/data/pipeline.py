@@ -14,10 +14,13 @@ uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+import io
+import json
+from typing import Any, Callable, Optional, Tuple
 
 import grain
 import numpy as np
+from PIL import Image
 
 Batch = dict  # name -> np.ndarray with a leading batch dimension
 
@@ -27,9 +30,97 @@ def text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+RESIZE_MODES = ("stretch", "keep_aspect")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """How a record's image and label map become the square the models see (real datasets' files, at read time).
+
+    `size`: the side of that square. `resize`: (H, W) the image is resized to
+    first; () means (size, size). "stretch" resizes to exactly that, aspect
+    not kept (ALDM's ADE20K and COCO-Stuff: 512x512; Cityscapes: 512x1024,
+    then cropped); "keep_aspect" scales the shorter side to min(resize) and
+    keeps the aspect. A random size x size crop follows in training, a centred
+    one in evaluation. Images resize with Lanczos (as ALDM), label maps with
+    nearest neighbour. Records already `size` x `size` arrays (the scenes)
+    pass unchanged.
+    """
+
+    size: int
+    resize: Tuple[int, ...] = ()
+    mode: str = "stretch"
+
+    def __post_init__(self):
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {self.mode!r}")
+        h, w = self.target
+        if h < self.size or w < self.size:
+            raise ValueError(f"resize {self.target} is smaller than the {self.size}x{self.size} crop")
+
+    @property
+    def target(self) -> Tuple[int, int]:
+        return (int(self.resize[0]), int(self.resize[1])) if self.resize else (self.size, self.size)
+
+    def apply(self, image, label, rng: Optional[np.random.Generator]) -> Tuple[np.ndarray, np.ndarray]:
+        """(uint8 [size, size, 3], uint8 [size, size]); a random crop with `rng`, centred without."""
+        image, label = decode_image(image), decode_label(label)
+        if image.shape[:2] == (self.size, self.size) and label.shape == (self.size, self.size):
+            return image, label
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"image {image.shape[:2]} and label map {label.shape} differ in size")
+        h, w = self._resized_shape(image.shape[:2])
+        if (h, w) != image.shape[:2]:
+            image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.LANCZOS))
+            label = np.asarray(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
+        top, left = ((int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1))) if rng is not None
+                     else ((h - self.size) // 2, (w - self.size) // 2))
+        return image[top:top + self.size, left:left + self.size], label[top:top + self.size, left:left + self.size]
+
+    def _resized_shape(self, shape) -> Tuple[int, int]:
+        if self.mode == "stretch":
+            return self.target
+        short = min(self.target)
+        scale = short / min(shape)
+        return max(short, round(shape[0] * scale)), max(short, round(shape[1] * scale))
+
+
+def decode_image(value) -> np.ndarray:
+    """An image record field -> uint8 [H, W, 3]: an array as it is, encoded bytes (JPEG, PNG) decoded."""
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value
+    with Image.open(io.BytesIO(_bytes(value))) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def decode_label(value) -> np.ndarray:
+    """A label record field -> uint8 [H, W] class ids: an array as it is, PNG bytes decoded."""
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value
+    with Image.open(io.BytesIO(_bytes(value))) as img:
+        ids = np.asarray(img)
+    if ids.ndim != 2:
+        raise ValueError(f"a label map must have one channel of class ids, got shape {ids.shape}")
+    return ids.astype(np.uint8)
+
+
+def _bytes(value) -> bytes:
+    return value.item() if isinstance(value, np.ndarray) else bytes(value)
+
+
+def pick_caption(record: dict, caption_field: str, rng: Optional[np.random.Generator]) -> str:
+    """The record's caption; where it has several (`captions`, a JSON list: COCO's five), one drawn with `rng`
+    (per example and epoch, so a resumed run draws the same), the first without."""
+    if "captions" in record:
+        captions = json.loads(text(record["captions"]))
+        if captions:
+            return str(captions[int(rng.integers(len(captions)))] if rng is not None else captions[0])
+    return text(record[caption_field])
+
+
 @dataclasses.dataclass
 class Preprocess(grain.transforms.RandomMap):
-    """Random horizontal flip (image, label map and caption together) + tokens."""
+    """Decode and crop (`geometry`), random horizontal flip (image, label map and caption together) + tokens."""
 
     tokenizer: Any
     caption_field: str = "caption"
@@ -37,10 +128,15 @@ class Preprocess(grain.transforms.RandomMap):
     keep_metadata: bool = False  # also pass the caption text and record index
     # The caption of the flipped picture (the dataset's `DatasetSpec.flip_caption`); None keeps it.
     flip_caption: Optional[Callable[[str], str]] = None
+    geometry: Optional[Geometry] = None  # None: records hold the final arrays (the scenes)
+    train: bool = True  # random crops and caption draws; evaluation takes centred crops and first captions
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    def random_map(self, record: dict, rng: Optional[np.random.Generator]) -> dict:
+        draw = rng if self.train else None
         image, label = record["image"], record["label"]
-        caption = text(record[self.caption_field])
+        if self.geometry is not None:
+            image, label = self.geometry.apply(image, label, draw)
+        caption = pick_caption(record, self.caption_field, draw)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
             if self.flip_caption is not None:
@@ -69,7 +165,8 @@ def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, flip: bool = True,
                   caption_field: str = "caption", num_epochs: Optional[int] = None,
                   num_threads: int = 2, prefetch: int = 4, keep_metadata: bool = False,
-                  flip_caption: Optional[Callable[[str], str]] = None) -> grain.IterDataset:
+                  flip_caption: Optional[Callable[[str], str]] = None,
+                  geometry: Optional[Geometry] = None) -> grain.IterDataset:
     """An endless (or `num_epochs`) stream of this process's batches."""
     local_batch = _check_batch(global_batch_size, process_count)
     if len(source) < process_count:
@@ -78,13 +175,14 @@ def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
     ds = ds.shuffle()[process_index::process_count]
     ds = ds.repeat(num_epochs)
     ds = ds.random_map(Preprocess(tokenizer, caption_field, flip=flip, keep_metadata=keep_metadata,
-                                  flip_caption=flip_caption))
+                                  flip_caption=flip_caption, geometry=geometry))
     ds = ds.batch(local_batch, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
 
 def eval_batches(source, *, tokenizer, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, caption_field: str = "caption", limit: Optional[int] = None):
+                 process_count: int = 1, caption_field: str = "caption", limit: Optional[int] = None,
+                 geometry: Optional[Geometry] = None):
     """One pass over (the first `limit` examples of) a split, in order, no augmentation.
 
     Every process yields the same number of equally sized batches, as a global
@@ -95,7 +193,7 @@ def eval_batches(source, *, tokenizer, global_batch_size: int, process_index: in
     n = len(source) if limit is None else min(limit, len(source))
     per_process = -(-n // process_count)
     num_batches = -(-per_process // local_batch)
-    pre = Preprocess(tokenizer, caption_field, flip=False, keep_metadata=True)
+    pre = Preprocess(tokenizer, caption_field, flip=False, keep_metadata=True, geometry=geometry, train=False)
     indices = np.arange(process_index, n, process_count)
     for b in range(num_batches):
         chunk = indices[b * local_batch:(b + 1) * local_batch]

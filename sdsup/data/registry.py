@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
@@ -51,6 +51,9 @@ class DatasetSpec:
     record_stats: Optional[Callable[[dict], dict]] = None
     # Prompts outside the training captions, for the layout report's picture of novel prompts.
     novel_prompts: Tuple[str, ...] = ()
+    # data_config -> the concrete spec, for datasets whose classes come from the user's files (the
+    # `folder` dataset reads its class file); None: this spec is the dataset's whatever the config.
+    configure: Optional[Callable[[Any], "DatasetSpec"]] = None
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +98,12 @@ def get(name: str) -> DatasetSpec:
 
 def names() -> list:
     return sorted(_REGISTRY)
+
+
+def for_config(data_config) -> DatasetSpec:
+    """The spec of the dataset `data_config` (a config's `data` section) names, with its classes resolved."""
+    spec = get(data_config.name)
+    return spec.configure(data_config) if spec.configure is not None else spec
 
 
 def _scenes_builder(data_config):

@@ -46,7 +46,7 @@ class Context:
 
     @property
     def spec(self) -> registry.DatasetSpec:
-        return registry.get(self.config.data.name)
+        return registry.for_config(self.config.data)
 
     @property
     def tokenizer(self):
