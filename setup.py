@@ -30,6 +30,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "transformers>=5.0",
     "diffusers>=0.40",
+    "tqdm>=4.60",  # progress bars (python -m sdsup.caption)
 ]
 
 EXTRAS_REQUIRE = {
@@ -48,7 +49,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["sdsup", "sdsup.*"]),
-    package_data={"sdsup": ["data/*.txt"]},
+    # Files read at run time: the scenes vocabulary, and the text the converters write next to an export.
+    package_data={"sdsup": ["data/*.txt", "convert/templates/*.md", "convert/templates/*.template",
+                            "convert/templates/export_readme/*.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

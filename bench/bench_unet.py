@@ -54,7 +54,7 @@ hour on this machine, which is why only same-run ratios mean anything.
 
 Since 2026-12-01 (later): stride-1 3x3 convolutions with >= 512 2x2 tiles
 (the 32x32 and 16x16 levels here) run by Winograd F(2x2, 3x3) on CPU, forward
-and input gradient (sdsup/models/layers.py says what each shape measured).
+and input gradient (sdsup/models/ops/conv.py says what each shape measured).
 The same step without it, compiled in the same process and interleaved:
 -4% (1.92 vs 2.00 s/step; 2.06 vs 2.14). FLOPs above stay the direct
 convolution's count, the work PyTorch does, so utilisation compares like with
@@ -137,6 +137,8 @@ def _matmul_peak_flops(jax, jnp, n: int = 2048, repeats: int = 5) -> float:
 
 
 def unet_train_step() -> dict:
+    # Imported here rather than at the top, so that configure_malloc() (run at import, above) comes
+    # before the threads jax and torch start.
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -144,8 +146,8 @@ def unet_train_step() -> dict:
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    from sdsup.convert.unet import unet_from_torch
-    from sdsup.models import layers
+    from sdsup.convert.unet import unet_config_to_diffusers, unet_from_torch
+    from sdsup.models.ops import conv as conv_ops
     from sdsup.models.unet import UNet2DConditionModel, UNetConfig
 
     cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
@@ -154,7 +156,7 @@ def unet_train_step() -> dict:
 
     config = UNetConfig(**SMALL_CONFIG)
     torch.manual_seed(0)
-    torch_model = TorchUNet(**config.to_diffusers()).train()
+    torch_model = TorchUNet(**unet_config_to_diffusers(config)).train()
     params = jax.tree.map(jnp.asarray, unet_from_torch(torch_model.state_dict(), config))
 
     rs = np.random.RandomState(0)
@@ -190,7 +192,7 @@ def unet_train_step() -> dict:
     # with plain attention and direct convolutions instead (compiled only for
     # its cost analysis), the work PyTorch's step does too.
     reference_model = UNet2DConditionModel(dataclasses.replace(config, attention_impl="xla"))
-    with unittest.mock.patch.object(layers, "_WINOGRAD_MIN_TILES", math.inf):
+    with unittest.mock.patch.object(conv_ops, "_WINOGRAD_MIN_TILES", math.inf):
         cost = jax.jit(train_step(reference_model)).lower(params, opt_state, *batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"])

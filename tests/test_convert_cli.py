@@ -23,15 +23,21 @@ import subprocess
 import sys
 
 import diffusers
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+import safetensors.torch
 import torch
 import transformers
+from flax import traverse_util
 
 from helpers import write_clip_tokenizer
 from sdsup.convert.__main__ import main as convert_main
+from sdsup.convert.controlnet import controlnet_to_torch
+from sdsup.convert.unet import unet_from_torch
 from sdsup.data import registry
 from sdsup.data.tokenizers import WordTokenizer
 from sdsup.diffusion import samplers
@@ -275,9 +281,6 @@ def test_imported_models_reproduce_pytorch(sd, imported):
 
 def test_variant_and_bfloat16_weights(sd, tmp_path, capsys):
     """--variant reads *.VARIANT.safetensors where present (else the plain file); bf16 is cast to float32."""
-    import safetensors.torch
-    from flax import traverse_util
-
     src = str(tmp_path / "sd_bf16")
     shutil.copytree(sd.dir, src)
     os.remove(os.path.join(src, "unet", "diffusion_pytorch_model.safetensors"))
@@ -291,8 +294,6 @@ def test_variant_and_bfloat16_weights(sd, tmp_path, capsys):
     assert manifest["components"]["unet"]["source"] == ["unet/diffusion_pytorch_model.bf16.safetensors"]
     assert manifest["components"]["unet"]["source_dtypes"] == ["bfloat16"]
     assert manifest["components"]["vae"]["source"] == ["vae/diffusion_pytorch_model.safetensors"]
-    from sdsup.convert.unet import unet_from_torch
-
     _, cfg, params, _ = model_io.load(os.path.join(out, "unet"))
     want = unet_from_torch({k: v.float() for k, v in bf16.items()}, cfg)
     got, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(want)
@@ -392,9 +393,6 @@ def _random_params(init, seed):
     Scaled like `_randomize`: kernels N(0, 1/fan_in), norm scales 1 + 0.2 N, embeddings 0.5 N,
     biases 0.2 N -- so the zero-initialised ControlNet convs are non-zero too.
     """
-    import flax.linen as nn
-    from flax import traverse_util
-
     abstract = nn.meta.unbox(jax.eval_shape(init)["params"])
     rng = np.random.default_rng(seed)
     out = {}
@@ -470,8 +468,6 @@ def test_export_from_workdir(workdir, tmp_path, capsys):
     assert pipe.controlnet.config.conditioning_channels == 32
     assert pipe.vae_scale_factor == 4
     cn_kind, cn_cfg, cn_params = workdir["models"]["control/controlnet"]
-    from sdsup.convert.controlnet import controlnet_to_torch
-
     want = controlnet_to_torch(cn_params, cn_cfg)
     got = _sd(pipe.controlnet)
     assert set(got) == set(want) and all(got[k].tobytes() == want[k].tobytes() for k in want)
@@ -539,8 +535,6 @@ def test_export_from_workdir(workdir, tmp_path, capsys):
     assert manifest["components"]["text_encoder"]["use_attention_mask"] is True
     code, err = _cli_in_process(capsys, "export", f"--from={reimported}", f"--out={reexported}")
     assert code == 0, err
-    import safetensors.numpy
-
     for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "controlnet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                 "controlnet/class_embeddings.safetensors"):

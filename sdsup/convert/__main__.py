@@ -23,9 +23,16 @@ SDSUP_DEBUG=1 to get tracebacks instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+# Conversions are small host-side jobs: keep jax off any accelerator and quiet. Set before the imports
+# below, which import jax, and jax reads JAX_PLATFORMS when it is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from sdsup.convert import exporter, importer  # noqa: E402
+from sdsup.cli import run_argparse  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,22 +80,17 @@ def _log(message: str) -> None:
 
 def run(argv) -> int:
     args = _parser().parse_args(argv)
-    # Conversions are small host-side jobs: keep jax off any accelerator and quiet.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from sdsup.convert import pipeline
-
     if args.command == "import":
         components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
         dtype = None if args.dtype in ("keep", "none", "") else args.dtype
-        manifest = pipeline.import_pretrained(args.pretrained, args.out, components=components, variant=args.variant,
+        manifest = importer.import_pretrained(args.pretrained, args.out, components=components, variant=args.variant,
                                               dtype=dtype, overwrite=args.overwrite, log=_log)
         done = sorted(manifest["components"]) + sorted(manifest["copied"])
         print(f"imported {', '.join(done)} into {args.out}")
         if manifest.get("usage"):
             print("train with: " + " ".join(manifest["usage"]))
     else:
-        summary = pipeline.export_pipeline(args.source, args.out, scheduler=args.scheduler, overwrite=args.overwrite,
+        summary = exporter.export_pipeline(args.source, args.out, scheduler=args.scheduler, overwrite=args.overwrite,
                                            log=_log)
         print(f"exported {summary['pipeline']} ({', '.join(summary['components'])}) from {summary['source_kind']} "
               f"{args.source} to {args.out}")
@@ -98,26 +100,8 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get("SDSUP_DEBUG"):
-        return run(argv)
-    from sdsup.errors import SdsupError
-
-    try:
-        return run(argv)
-    except SdsupError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug, not a user error: still one line, with a pointer to the traceback
-        print(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())} "
-              f"(set SDSUP_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
+    """One `error: ...` line for every failure (exit 1; 130 on Ctrl-C); SDSUP_DEBUG=1 re-raises."""
+    return run_argparse(run, argv)
 
 
 if __name__ == "__main__":

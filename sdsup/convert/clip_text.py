@@ -17,7 +17,8 @@ transformers discards it, so import accepts and drops it; export omits it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+import dataclasses
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Type, TypeVar
 
 import flax.linen as nn
 import numpy as np
@@ -27,6 +28,45 @@ from sdsup.models.clip_text import CLIPTextConfig
 PREFIX = "text_model."
 PROJECTION_KEY = "text_projection.weight"
 _POSITION_IDS = "embeddings.position_ids"
+
+_Config = TypeVar("_Config")
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+
+def tower_config_from_transformers(cls: Type[_Config], config: Any, tower: str) -> _Config:
+    """One CLIP tower's config (`cls`) from a transformers config object or dict (config.json).
+
+    `tower` is the key a full CLIPConfig keeps it under ("text_config",
+    "vision_config"); such a config contributes that entry, and its
+    top-level projection_dim wins, as in CLIPModel. Keys that do not affect
+    the forward pass (initializer_range, dtype, architectures, ...) are
+    ignored.
+    """
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if tower in d:
+        sub = dict(d[tower] or {})
+        if "projection_dim" in d:
+            sub["projection_dim"] = d["projection_dim"]
+        d = sub
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def clip_text_config_from_transformers(config: Any) -> CLIPTextConfig:
+    """From a transformers CLIPTextConfig / CLIPConfig or their dicts (config.json)."""
+    return tower_config_from_transformers(CLIPTextConfig, config, "text_config")
+
+
+def clip_text_config_to_transformers(config: CLIPTextConfig) -> dict:
+    """Keyword arguments for `transformers.CLIPTextConfig(**d)`."""
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------
+# State dicts.
 
 # kind: how a torch tensor maps to its Flax leaf.
 #   "dense":  torch Linear weight (out, in)  <-> Flax Dense kernel (in, out)
@@ -185,7 +225,7 @@ def clip_text_to_torch(
     the top-level `"params"` collection. Every Flax leaf must be consumed:
     extra or missing leaves raise KeyError naming them, wrong shapes raise
     ValueError. The result can be written with `safetensors.numpy.save_file`
-    next to `transformers.CLIPTextConfig(**config.to_transformers())`.
+    next to `transformers.CLIPTextConfig(**clip_text_config_to_transformers(config))`.
     """
     tree = nn.meta.unbox(params)
     if set(tree) == {"params"}:

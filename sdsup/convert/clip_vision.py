@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from sdsup.convert import clip_text as clip_text_convert
+from sdsup.convert.safetensors_io import TRANSFORMERS_WEIGHTS, cast_floating, read_state_dict
 from sdsup.convert.torch_layout import (
     ConversionError,
     Path,
@@ -58,7 +59,6 @@ _POSITION_IDS = "embeddings.position_ids"
 _TOWER, _PROJECTION = "vision_model", "visual_projection"
 
 CONFIG_FILE = "config.json"
-WEIGHTS_BASE = "model"  # model.safetensors or model.safetensors.index.json + shards
 
 
 class ClipConvertError(ConversionError, SdsupError):
@@ -225,13 +225,23 @@ def _merged_sub_config(d: Mapping[str, Any], name: str) -> Dict[str, Any]:
     return sub
 
 
+def clip_vision_config_from_transformers(config: Any) -> CLIPVisionConfig:
+    """From a transformers CLIPVisionConfig / CLIPConfig or their dicts (config.json)."""
+    return clip_text_convert.tower_config_from_transformers(CLIPVisionConfig, config, "vision_config")
+
+
+def clip_vision_config_to_transformers(config: CLIPVisionConfig) -> dict:
+    """Keyword arguments for `transformers.CLIPVisionConfig(**d)`."""
+    return dataclasses.asdict(config)
+
+
 def clip_configs_from_transformers(d: Mapping[str, Any]) -> Tuple[CLIPTextConfig, CLIPVisionConfig]:
     """(text, vision) configs of a transformers CLIPConfig dict (a CLIPModel's config.json)."""
     # CLIPModel builds both projections with the top-level projection_dim (default 512).
     projection_dim = d.get("projection_dim", 512)
-    text = CLIPTextConfig.from_transformers(
+    text = clip_text_convert.clip_text_config_from_transformers(
         {"text_config": _merged_sub_config(d, "text_config"), "projection_dim": projection_dim})
-    vision = CLIPVisionConfig.from_transformers(
+    vision = clip_vision_config_from_transformers(
         {"vision_config": _merged_sub_config(d, "vision_config"), "projection_dim": projection_dim})
     return text, vision
 
@@ -277,9 +287,6 @@ def load_clip(directory: str, dtype: Optional[Any] = None) -> ClipCheckpoint:
     config, missing/unexpected/mis-shaped keys) raise an SdsupError naming
     the file and key.
     """
-    # pipeline.py holds the project's one safetensors reader (shards, bf16, pickle refusal).
-    from sdsup.convert.pipeline import read_state_dict
-
     if not os.path.isdir(directory):
         raise ClipConvertError(f"CLIP model directory not found: {directory}")
     config_path = os.path.join(directory, CONFIG_FILE)
@@ -301,10 +308,8 @@ def load_clip(directory: str, dtype: Optional[Any] = None) -> ClipCheckpoint:
     except (TypeError, ValueError) as e:
         raise ClipConvertError(f"{config_path}: {e}") from e
 
-    state, files = read_state_dict(directory, WEIGHTS_BASE)
-    if dtype is not None:
-        state = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v
-                 for k, v in state.items()}
+    state, files = read_state_dict(directory, TRANSFORMERS_WEIGHTS)  # model.safetensors or its shards
+    state = cast_floating(state, dtype)
     where = ", ".join(os.path.basename(f) for f in files)
     text, vision, scale = clip_model_from_torch(state, text_config, vision_config, where=f"{directory} ({where})")
     return ClipCheckpoint(text_config, text, vision_config, vision, scale)

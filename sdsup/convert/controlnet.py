@@ -1,4 +1,4 @@
-"""diffusers ControlNetModel state dict <-> sdsup ControlNetModel params, export and class-embedding recipe.
+"""diffusers ControlNetModel <-> sdsup ControlNetModel (config dicts, state dicts), export and class-embedding recipe.
 
 Key names are diffusers' exactly. The encoder half (conv_in, time_embedding,
 down_blocks.*, mid_block.*) has the UNet's keys and is mapped with the UNet
@@ -23,22 +23,104 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import numpy as np
+import safetensors.numpy
 
+from sdsup.convert import templates
 from sdsup.convert.torch_layout import ConversionError, Path, params_from_torch, params_to_torch, shapes_of, to_numpy
-from sdsup.convert.unet import UNET_SEQUENCE_NAMES
+from sdsup.convert.unet import UNET_SEQUENCE_NAMES, unet_config_from_diffusers, unet_config_to_diffusers
+from sdsup.convert.versions import diffusers_version
 from sdsup.models.controlnet import (
+    COLOUR_HINT_CHANNELS,
     HINT_IMAGE_DOWNSAMPLE,
-    LAYOUT_ENCODING_KEY,
     ControlNetConfig,
     ControlNetModel,
     dummy_inputs,
+    mirror_up_block_types,
 )
+from sdsup.models.unet import UNetConfig
 
 CONTROLNET_SEQUENCE_NAMES = UNET_SEQUENCE_NAMES | {"controlnet_down_blocks", "blocks"}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CLASS_EMBEDDINGS_NAME = "class_embeddings.safetensors"
 CLASS_EMBEDDINGS_KEY = "class_embeddings"
+# config.json entry (ignored by diffusers, as every "_" key) recording the layout encoding.
+LAYOUT_ENCODING_KEY = "_sdsup_layout_encoding"
+
+# diffusers ControlNetModel config keys that UNetConfig does not have, with the
+# only value accepted (diffusers' default). conditioning_channels and
+# conditioning_embedding_out_channels are ControlNetConfig fields.
+_CONTROLNET_ONLY_KEYS: Dict[str, Any] = {
+    "controlnet_conditioning_channel_order": "rgb",
+    "global_pool_conditions": False,
+}
+# Encoder-irrelevant UNetConfig fields (ControlNetConfig normalises them), dropped on export.
+_DECODER_FIELDS = ("sample_size", "out_channels", "up_block_types", "center_input_sample")
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+
+def controlnet_config_from_diffusers(
+    config: Mapping[str, Any],
+    layout_encoding: Optional[str] = None,
+    vae_scale_factor: Optional[int] = None,
+    **flax_options,
+) -> ControlNetConfig:
+    """A diffusers ControlNetModel config dict (e.g. a parsed config.json) as a ControlNetConfig.
+
+    `layout_encoding`: given explicitly, else the `_sdsup_layout_encoding`
+    entry that `save_pretrained_controlnet` writes, else inferred: "colour"
+    for 3 conditioning channels, "class_embedding" otherwise.
+    `vae_scale_factor`, when given, is checked against the hint encoder;
+    otherwise it is what the hint encoder implies (8 for the usual ones).
+    Unsupported diffusers features raise ValueError naming the key;
+    `flax_options` sets the Flax-only UNetConfig fields.
+    """
+    config = dict(config)
+    stored = config.get(LAYOUT_ENCODING_KEY)
+    unet_keys = {}
+    for key, value in config.items():
+        if key.startswith("_") or key in ("conditioning_channels", "conditioning_embedding_out_channels"):
+            continue
+        if key in _CONTROLNET_ONLY_KEYS:
+            if value != _CONTROLNET_ONLY_KEYS[key]:
+                raise ValueError(
+                    f"diffusers ControlNet config {key}={value!r} is not supported (only {_CONTROLNET_ONLY_KEYS[key]!r})"
+                )
+            continue
+        if key in _DECODER_FIELDS:
+            raise ValueError(f"unknown diffusers ControlNet config key {key!r}")
+        unet_keys[key] = value
+    down = unet_keys.get("down_block_types", UNetConfig.down_block_types)
+    unet_keys["up_block_types"] = list(mirror_up_block_types(down))
+    unet = unet_config_from_diffusers(unet_keys, **flax_options)
+    channels = config.get("conditioning_channels", 3)
+    hint = config.get("conditioning_embedding_out_channels", COLOUR_HINT_CHANNELS)
+    if hint is None:
+        raise ValueError("conditioning_embedding_out_channels=None is not supported")
+    if layout_encoding is None:
+        layout_encoding = stored
+    if layout_encoding is None:
+        layout_encoding = "colour" if channels == 3 else "class_embedding"
+    if vae_scale_factor is None:
+        vae_scale_factor = 2 ** (len(hint) - 1) * HINT_IMAGE_DOWNSAMPLE.get(layout_encoding, 1)
+    return ControlNetConfig(unet, layout_encoding, channels, tuple(hint), vae_scale_factor)
+
+
+def controlnet_config_to_diffusers(config: ControlNetConfig) -> Dict[str, Any]:
+    """Config dict that diffusers' ControlNetModel(**cfg) accepts (layout_encoding is not in it)."""
+    out = {k: v for k, v in unet_config_to_diffusers(config.unet).items() if k not in _DECODER_FIELDS}
+    out["conditioning_channels"] = config.conditioning_channels
+    out["conditioning_embedding_out_channels"] = list(config.conditioning_embedding_out_channels)
+    out.update(_CONTROLNET_ONLY_KEYS)
+    out["mid_block_type"] = "UNetMidBlock2DCrossAttn"
+    return out
+
+
+# ---------------------------------------------------------------------------
+# State dicts.
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,25 +156,15 @@ def controlnet_to_torch(params: Mapping[str, Any], config: ControlNetConfig) -> 
 # diffusers directories.
 
 
-def _diffusers_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("diffusers")
-    except Exception:  # diffusers not installed: any released version string works
-        return "0.27.0"
-
-
 def save_pretrained_controlnet(directory: str, params: Mapping[str, Any], config: ControlNetConfig) -> str:
     """Write config.json + diffusion_pytorch_model.safetensors (fp32 unless params are otherwise) to `directory`.
 
     The result loads with `diffusers.ControlNetModel.from_pretrained(directory)`.
     """
-    import safetensors.numpy
-
     state = controlnet_to_torch(params, config)
     os.makedirs(directory, exist_ok=True)
-    cfg = {"_class_name": "ControlNetModel", "_diffusers_version": _diffusers_version(), **config.to_diffusers()}
+    cfg = {"_class_name": "ControlNetModel", "_diffusers_version": diffusers_version(),
+           **controlnet_config_to_diffusers(config)}
     cfg[LAYOUT_ENCODING_KEY] = config.layout_encoding
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
@@ -104,10 +176,8 @@ def load_pretrained_controlnet(
     directory: str, layout_encoding: Optional[str] = None, dtype: Optional[Any] = None, **flax_options
 ) -> Tuple[ControlNetConfig, Dict[str, Any]]:
     """A diffusers ControlNetModel directory (config.json + diffusion_pytorch_model.safetensors) -> (config, params)."""
-    import safetensors.numpy
-
     with open(os.path.join(directory, CONFIG_NAME)) as f:
-        config = ControlNetConfig.from_diffusers(json.load(f), layout_encoding=layout_encoding, **flax_options)
+        config = controlnet_config_from_diffusers(json.load(f), layout_encoding=layout_encoding, **flax_options)
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (only safetensors weights are read)")
@@ -115,59 +185,7 @@ def load_pretrained_controlnet(
 
 
 # ---------------------------------------------------------------------------
-# Class-embedding recipe for PyTorch users.
-
-_RECIPE = '''# Class-embedding layout conditioning (sdsup "class_embedding" ControlNet)
-
-`{weights}` holds `{key}`: a float32 [{n}, {d}] table, row `k` = the vector of
-class `k` ({source}). Class names, in id order, are in `class_names.json` (and
-in the safetensors metadata). {ignore_sentence} Any id outside [0, {n})
-maps to the zero vector.
-
-To build `controlnet_cond` from a label map `labels` ([B, H, W] int64 class ids,
-H and W divisible by 4): take the label at (4i, 4j) for every output pixel
-(i, j) -- PyTorch's `F.interpolate(..., mode="nearest")` to (H/4, W/4), which is
-`labels[:, ::4, ::4]`; NOT "nearest-exact", which would sample (4i+2, 4j+2) --
-look each id up in the table, and put channels first as diffusers expects
-(ids pass through float32 for `F.interpolate`, exact below 2**24):
-
-```python
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
-
-IGNORE_ID = {ignore_literal}
-
-
-def layout_to_controlnet_cond(labels: torch.Tensor, directory: str = ".") -> torch.Tensor:
-    """[B, H, W] int class ids -> [B, {d}, H/4, W/4] float32 controlnet_cond."""
-    table = load_file(f"{{directory}}/{weights}")["{key}"]
-    b, h, w = labels.shape
-    assert h % 4 == 0 and w % 4 == 0, "H and W must be divisible by 4"
-    ids = F.interpolate(labels[:, None].float(), size=(h // 4, w // 4), mode="nearest")[:, 0].long()
-    valid = (ids >= 0) & (ids < table.shape[0])
-    if IGNORE_ID is not None:
-        valid &= ids != IGNORE_ID
-    emb = table[ids.clamp(0, table.shape[0] - 1)]                      # [B, H/4, W/4, {d}]
-    emb = torch.where(valid[..., None], emb, torch.zeros((), dtype=emb.dtype))
-    return emb.permute(0, 3, 1, 2).contiguous()                         # [B, {d}, H/4, W/4]
-```
-
-Then, with the exported `ControlNetModel` (conditioning_channels={d}, one
-stride-2 conv in its hint encoder, so the hint is 2x the latent size):
-
-```python
-down, mid = controlnet(latents, t, encoder_hidden_states=text_emb,
-                       controlnet_cond=layout_to_controlnet_cond(labels), return_dict=False)
-noise_pred = unet(latents, t, encoder_hidden_states=text_emb,
-                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-```
-
-Note: `StableDiffusionControlNetPipeline` resizes its `image=` argument to the
-output resolution, so this 1/4-resolution, {d}-channel hint cannot go through
-`image=` unchanged; call the ControlNet in your own denoising loop (as above) or
-override the pipeline's `prepare_image` to pass the tensor through.
-'''
+# Class-embedding recipe for PyTorch users (the README text: templates/class_embedding_recipe.md).
 
 
 def write_class_embedding_recipe(
@@ -184,8 +202,6 @@ def write_class_embedding_recipe(
     describes how the vectors were made (goes into the README). Returns the
     paths written, by kind.
     """
-    import safetensors.numpy
-
     table = np.asarray(to_numpy(table), dtype=np.float32)
     if table.ndim != 2:
         raise ValueError(f"table must be [N, D], got shape {table.shape}")
@@ -210,7 +226,8 @@ def write_class_embedding_recipe(
     safetensors.numpy.save_file({CLASS_EMBEDDINGS_KEY: np.ascontiguousarray(table)}, paths["weights"], metadata=metadata)
     with open(paths["class_names"], "w") as f:
         json.dump(names, f, indent=1)
-    readme = _RECIPE.format(
+    readme = templates.fill(
+        "class_embedding_recipe.md",
         weights=CLASS_EMBEDDINGS_NAME,
         key=CLASS_EMBEDDINGS_KEY,
         n=n,
@@ -228,6 +245,9 @@ def write_class_embedding_recipe(
 __all__ = [
     "CONTROLNET_SEQUENCE_NAMES",
     "ConversionError",
+    "LAYOUT_ENCODING_KEY",
+    "controlnet_config_from_diffusers",
+    "controlnet_config_to_diffusers",
     "controlnet_from_torch",
     "controlnet_param_shapes",
     "controlnet_to_torch",

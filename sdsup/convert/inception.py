@@ -51,10 +51,14 @@ import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import numpy as np
+import safetensors.numpy
 
 from sdsup.convert.torch_layout import ConversionError, flatten, to_numpy, unflatten
+from sdsup.cli import run_argparse
 from sdsup.errors import SdsupError
+from sdsup.models import io as model_io
 from sdsup.models.inception import InceptionConfig, abstract_variables
 
 KIND = "inception"
@@ -214,15 +218,13 @@ def load_torch_weights(path: str) -> Tuple[Dict[str, Any], str]:
             "is corrupted or truncated (download it again)")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors.numpy import load_file
-
         try:
-            return dict(load_file(path)), digest
+            return dict(safetensors.numpy.load_file(path)), digest
         except Exception as e:
             raise InceptionConversionError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from e
     if ext not in (".pth", ".pt", ".bin"):
         raise InceptionConversionError(f"{path}: unknown weights format {ext!r} (expected .pth, .pt or .safetensors)")
-    import torch
+    import torch  # deferred: torch is optional and slow to import; only reading a .pth/.pt file needs it
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -238,13 +240,11 @@ def load_torch_weights(path: str) -> Tuple[Dict[str, Any], str]:
 
 def save_torch_weights(state_dict: Mapping[str, np.ndarray], path: str) -> None:
     """A torch-named state dict as .safetensors (loads in torch with safetensors.torch.load_file)."""
-    from safetensors.numpy import save_file
-
     if not path.endswith(".safetensors"):
         raise InceptionConversionError(f"{path}: export writes safetensors only; name the file *.safetensors")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp)
     os.replace(tmp, path)
 
 
@@ -271,8 +271,6 @@ def config_for(state_dict: Mapping[str, Any], variant: str = "auto") -> Inceptio
 def import_torch_weights(torch_weights: str, out: str, variant: str = "auto", overwrite: bool = False,
                          log: Callable[[str], None] = lambda m: None) -> InceptionConfig:
     """Converts a torch weights file into the sdsup model directory `out` (config.json + params.safetensors)."""
-    from sdsup.models import io as model_io
-
     if os.path.exists(os.path.join(out, model_io.PARAMS_FILE)) and not overwrite:
         raise InceptionConversionError(f"{out} already holds a model; pass --overwrite to replace it")
     state_dict, digest = load_torch_weights(torch_weights)
@@ -287,8 +285,6 @@ def import_torch_weights(torch_weights: str, out: str, variant: str = "auto", ov
 
 def export_torch_weights(model_dir: str, torch_out: str) -> InceptionConfig:
     """The reverse of `import_torch_weights`: an sdsup inception dir -> torch state dict (.safetensors)."""
-    from sdsup.models import io as model_io
-
     kind, config, variables, _ = model_io.load(model_dir)
     if kind != KIND:
         raise InceptionConversionError(f"{model_dir} holds a {kind!r} model, not {KIND!r}")
@@ -325,8 +321,6 @@ def run(argv) -> int:
     if "JAX_PLATFORMS" not in os.environ:
         # A small host-side job: keep off any accelerator (jax is imported by
         # now, but its backends start at first use).
-        import jax
-
         jax.config.update("jax_platforms", "cpu")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if importing:
@@ -340,17 +334,7 @@ def run(argv) -> int:
 
 def main(argv=None) -> int:
     """Errors print as one line (`error: ...`, exit 1), as `python -m sdsup.convert` does; SDSUP_DEBUG=1 re-raises."""
-    argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get("SDSUP_DEBUG"):
-        return run(argv)
-    try:
-        return run(argv)
-    except SdsupError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    return run_argparse(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""UperNet + ResNet segmenter weights <-> transformers' UperNetForSemanticSegmentation.
+"""UperNet + ResNet segmenter configs and weights <-> transformers' UperNetForSemanticSegmentation.
 
 The correspondence is generated from the config, one entry per conv / norm,
 so both directions share it and every key is accounted for:
@@ -18,13 +18,105 @@ so both directions share it and every key is accounted for:
   auxiliary_head/classifier                   auxiliary_head.classifier
 """
 
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from sdsup.models.segmenter import AUX_IN_INDEX, BOTTLENECK_REDUCTION, SegmenterConfig
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+
+def segmenter_config_from_transformers(config: Union[Mapping[str, Any], Any], **overrides) -> SegmenterConfig:
+    """From a transformers `UperNetConfig` or its `to_dict()` / config.json form.
+
+    Only a ResNet backbone is supported. The image normalisation is not part
+    of a UperNetConfig (it lives in the image processor); pass `image_mean` /
+    `image_std` as overrides if the checkpoint used something other than
+    ImageNet statistics.
+    """
+    d = config if isinstance(config, Mapping) else config.to_dict()
+    if d.get("model_type", "upernet") != "upernet":
+        raise ValueError(f"expected an UperNet config, got model_type={d.get('model_type')!r}")
+    bb = d.get("backbone_config")
+    if bb is None:
+        bb = {}  # transformers then builds a default ResNet with all stages as outputs.
+    elif not isinstance(bb, Mapping):
+        bb = bb.to_dict()
+    if bb.get("model_type", "resnet") != "resnet":
+        raise ValueError(f"only ResNet backbones are supported, got {bb.get('model_type')!r}")
+    if bb.get("hidden_act", "relu") != "relu":
+        raise ValueError(f"only relu backbones are supported, got {bb.get('hidden_act')!r}")
+    if bb.get("num_channels", 3) != 3:
+        raise ValueError("the segmenter takes RGB images (num_channels=3)")
+    defaults = SegmenterConfig()
+    depths = tuple(bb.get("depths", defaults.depths))
+    stage_names = ("stem",) + tuple(f"stage{i + 1}" for i in range(len(depths)))
+    out_features = bb.get("out_features")
+    if out_features is None and bb.get("out_indices") is not None:
+        out_features = [stage_names[i] for i in bb["out_indices"]]
+    if out_features is None:
+        out_features = stage_names[1:]
+    if "num_labels" in d:
+        num_labels = d["num_labels"]
+    elif d.get("id2label") is not None:
+        num_labels = len(d["id2label"])
+    else:
+        num_labels = 2  # transformers' PreTrainedConfig default.
+    kwargs = dict(
+        num_classes=int(num_labels),
+        embedding_size=bb.get("embedding_size", defaults.embedding_size),
+        hidden_sizes=tuple(bb.get("hidden_sizes", defaults.hidden_sizes)),
+        depths=depths,
+        layer_type=bb.get("layer_type", defaults.layer_type),
+        downsample_in_first_stage=bool(bb.get("downsample_in_first_stage", False)),
+        downsample_in_bottleneck=bool(bb.get("downsample_in_bottleneck", False)),
+        out_features=tuple(out_features),
+        head_channels=d.get("hidden_size", 512),
+        pool_scales=tuple(d.get("pool_scales", (1, 2, 3, 6))),
+        use_auxiliary_head=bool(d.get("use_auxiliary_head", True)),
+        auxiliary_channels=d.get("auxiliary_channels", 256),
+        auxiliary_num_convs=d.get("auxiliary_num_convs", 1),
+        auxiliary_concat_input=bool(d.get("auxiliary_concat_input", False)),
+        auxiliary_in_channels=d.get("auxiliary_in_channels"),
+    )
+    kwargs.update(overrides)
+    return SegmenterConfig(**kwargs)
+
+
+def segmenter_config_to_transformers(config: SegmenterConfig):
+    """The equivalent transformers `UperNetConfig`."""
+    from transformers import ResNetConfig, UperNetConfig  # deferred: transformers is heavy; only this needs it
+
+    backbone = ResNetConfig(
+        num_channels=3,
+        embedding_size=config.embedding_size,
+        hidden_sizes=list(config.hidden_sizes),
+        depths=list(config.depths),
+        layer_type=config.layer_type,
+        hidden_act="relu",
+        downsample_in_first_stage=config.downsample_in_first_stage,
+        downsample_in_bottleneck=config.downsample_in_bottleneck,
+        out_features=list(config.feature_stages),
+    )
+    return UperNetConfig(
+        backbone_config=backbone,
+        hidden_size=config.head_channels,
+        pool_scales=list(config.pool_scales),
+        num_labels=config.num_classes,
+        use_auxiliary_head=config.use_auxiliary_head,
+        auxiliary_channels=config.auxiliary_channels,
+        auxiliary_num_convs=config.auxiliary_num_convs,
+        auxiliary_concat_input=config.auxiliary_concat_input,
+        auxiliary_in_channels=config.auxiliary_in_channels,
+    )
+
+
+# ---------------------------------------------------------------------------
+# State dicts.
 
 # Layout entry: (flax module path, torch prefix, kind, (out, in, k)); kind is
 # "conv" (kernel only), "conv_bias" (kernel + bias) or "bn"; bn uses out only.

@@ -22,6 +22,7 @@ A converter describes a model by the flat shapes of its Flax parameters
 import re
 from typing import Any, Callable, Collection, Dict, Mapping, Optional, Tuple
 
+import ml_dtypes
 import numpy as np
 
 Path = Tuple[str, ...]
@@ -177,8 +178,6 @@ def to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor without importing torch
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
-            import ml_dtypes
-
             return value.float().numpy().astype(ml_dtypes.bfloat16)
         return value.numpy()
     return np.asarray(value)

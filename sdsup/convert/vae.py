@@ -1,4 +1,4 @@
-"""diffusers AutoencoderKL state dict <-> sdsup AutoencoderKL params.
+"""diffusers AutoencoderKL <-> sdsup AutoencoderKL: config dicts and state dicts.
 
 Exported keys are diffusers' current names (mid-block attention
 `to_q/to_k/to_v/to_out.0`). On import the legacy names of old SD checkpoints
@@ -7,6 +7,7 @@ renamed as diffusers' `ModelMixin._fix_state_dict_keys_on_load` does; a
 checkpoint holding both spellings of one weight is refused.
 """
 
+import dataclasses
 import functools
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -32,9 +33,82 @@ VAE_SEQUENCE_NAMES = frozenset(
     {"down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out"}
 )
 
+# The only block types of diffusers' AutoencoderKL that sdsup's VAE has.
+DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
+UP_BLOCK_TYPE = "UpDecoderBlock2D"
+# VAEConfig fields diffusers has no key for: set by the caller, never read from a diffusers config.
+FLAX_OPTIONS = ("dtype", "param_dtype", "remat", "attention_impl")
+# diffusers AutoencoderKL config keys that are not fields of VAEConfig, with
+# the only value accepted (the diffusers default). Block types are checked
+# separately (they must be one type per entry of block_out_channels).
+_FIXED_DIFFUSERS_KEYS: Dict[str, Any] = {"act_fn": "silu"}
+# diffusers' defaults where they differ from VAEConfig's (SD 1.5) ones: a
+# diffusers config without these keys means these values.
+_DIFFUSERS_DEFAULTS: Dict[str, Any] = {"block_out_channels": (64,), "layers_per_block": 1, "sample_size": 32}
+
 # Legacy (diffusers < 0.14 AttentionBlock) names of the mid-block attention weights.
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_KEY = re.compile(r"^((?:encoder|decoder)\.mid_block\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def vae_config_from_diffusers(config: Mapping[str, Any], **flax_options) -> VAEConfig:
+    """A diffusers AutoencoderKL config dict (e.g. a parsed vae/config.json) as a VAEConfig.
+
+    Keys starting with "_" are metadata and skipped; absent keys take
+    diffusers' defaults (not VAEConfig's SD-1.5 ones). Block types other
+    than DownEncoderBlock2D / UpDecoderBlock2D, act_fn other than silu and
+    unknown keys raise ValueError naming the key. `flax_options` sets the
+    Flax-only fields (dtype, param_dtype, remat, attention_impl).
+    """
+    own = {f.name for f in dataclasses.fields(VAEConfig)} - set(FLAX_OPTIONS)
+    kwargs: Dict[str, Any] = {}
+    block_types = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key in _FIXED_DIFFUSERS_KEYS:
+            if value != _FIXED_DIFFUSERS_KEYS[key]:
+                raise ValueError(
+                    f"diffusers AutoencoderKL config {key}={value!r} is not supported "
+                    f"(only {_FIXED_DIFFUSERS_KEYS[key]!r})"
+                )
+            continue
+        if key in ("down_block_types", "up_block_types"):
+            block_types[key] = tuple(value)
+            continue
+        if key not in own:
+            raise ValueError(f"unknown or unsupported diffusers AutoencoderKL config key {key!r}")
+        kwargs[key] = value
+    unknown = set(flax_options) - set(FLAX_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown Flax options {sorted(unknown)}; allowed: {sorted(FLAX_OPTIONS)}")
+    for key, value in _DIFFUSERS_DEFAULTS.items():
+        kwargs.setdefault(key, value)
+    out = VAEConfig(**kwargs, **flax_options)
+    for key, want in (("down_block_types", DOWN_BLOCK_TYPE), ("up_block_types", UP_BLOCK_TYPE)):
+        types = block_types.get(key, (want,) * out.num_levels)
+        if any(t != want for t in types):
+            raise ValueError(f"diffusers AutoencoderKL config {key}={list(types)} is not supported (only {want!r})")
+        if len(types) != out.num_levels:
+            raise ValueError(
+                f"{key} has {len(types)} entries but block_out_channels {out.block_out_channels} has {out.num_levels}"
+            )
+    return out
+
+
+def vae_config_to_diffusers(config: VAEConfig) -> Dict[str, Any]:
+    """Config dict that diffusers' AutoencoderKL(**cfg) accepts (and config.json can hold)."""
+    out: Dict[str, Any] = {
+        "down_block_types": [DOWN_BLOCK_TYPE] * config.num_levels,
+        "up_block_types": [UP_BLOCK_TYPE] * config.num_levels,
+        "act_fn": "silu",
+    }
+    for f in dataclasses.fields(config):
+        if f.name in FLAX_OPTIONS:
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @functools.lru_cache(maxsize=16)

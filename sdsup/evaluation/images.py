@@ -100,10 +100,7 @@ def _segmenter_fns(config, compiler_options: tuple):
         return jnp.argmax(seg.apply(v, x, train=False), -1).astype(jnp.int32)
 
     def features(v, images):
-        x = images_to_float(images)
-        hidden = seg.apply(v, x, method=lambda m, x: m.backbone(m.normalize(x), False))
-        # Every stage's pooled output: textures (early stages) as well as content (late ones).
-        return jnp.concatenate([jnp.mean(h.astype(jnp.float32), axis=(1, 2)) for h in hidden[1:]], -1)
+        return seg.apply(v, images_to_float(images), all_stages=True, method=UperNetSegmenter.pooled_features)
 
     return jax.jit(predict, compiler_options=options), jax.jit(features, compiler_options=options)
 

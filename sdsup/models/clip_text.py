@@ -115,27 +115,6 @@ class CLIPTextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @classmethod
-    def from_transformers(cls, config) -> "CLIPTextConfig":
-        """From a transformers CLIPTextConfig / CLIPConfig or their dicts (config.json).
-
-        Keys that do not affect the forward pass (initializer_range, dtype,
-        architectures, ...) are ignored. A full CLIPConfig contributes its
-        `text_config`; its top-level projection_dim wins, as in CLIPModel.
-        """
-        d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        if "text_config" in d:
-            text = dict(d["text_config"] or {})
-            if "projection_dim" in d:
-                text["projection_dim"] = d["projection_dim"]
-            d = text
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_transformers(self) -> dict:
-        """Keyword arguments for `transformers.CLIPTextConfig(**d)`."""
-        return dataclasses.asdict(self)
-
 
 @flax.struct.dataclass
 class CLIPTextOutput:

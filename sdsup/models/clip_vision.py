@@ -104,27 +104,6 @@ class CLIPVisionConfig:
     def num_positions(self) -> int:
         return self.num_patches + 1  # the class token has a position too
 
-    @classmethod
-    def from_transformers(cls, config) -> "CLIPVisionConfig":
-        """From a transformers CLIPVisionConfig / CLIPConfig or their dicts (config.json).
-
-        Keys that do not affect the forward pass (initializer_range, dtype,
-        architectures, ...) are ignored. A full CLIPConfig contributes its
-        `vision_config`; its top-level projection_dim wins, as in CLIPModel.
-        """
-        d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        if "vision_config" in d:
-            vision = dict(d["vision_config"] or {})
-            if "projection_dim" in d:
-                vision["projection_dim"] = d["projection_dim"]
-            d = vision
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_transformers(self) -> dict:
-        """Keyword arguments for `transformers.CLIPVisionConfig(**d)`."""
-        return dataclasses.asdict(self)
-
 
 @flax.struct.dataclass
 class CLIPVisionOutput:

@@ -85,8 +85,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from sdsup.convert.torch_layout import ConversionError, flatten, unflatten
+from sdsup.errors import SdsupError
 from sdsup.models.layers import Conv
 from sdsup.models.unet import STABLE_DIFFUSION_1_5, UNetConfig, UNetEncoderMixin, encoder_param_names
 
@@ -102,16 +103,6 @@ COLOUR_HINT_CHANNELS = (16, 32, 96, 256)
 ALDM_HINT_CHANNELS = (512, 256)
 DEFAULT_HINT_CHANNELS = {"colour": COLOUR_HINT_CHANNELS, "class_embedding": ALDM_HINT_CHANNELS}
 
-# diffusers ControlNetModel config keys that UNetConfig does not have, with the
-# only value accepted (diffusers' default). conditioning_channels and
-# conditioning_embedding_out_channels are ControlNetConfig fields.
-_CONTROLNET_ONLY_KEYS: Dict[str, Any] = {
-    "controlnet_conditioning_channel_order": "rgb",
-    "global_pool_conditions": False,
-}
-# Encoder-irrelevant UNetConfig fields, dropped on export and normalised.
-_DECODER_FIELDS = ("sample_size", "out_channels", "up_block_types", "center_input_sample")
-_FLAX_ONLY_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl")
 # What a ControlNetConfig forwards to its UNetConfig.
 _DELEGATED = frozenset(f.name for f in dataclasses.fields(UNetConfig)) | {
     "heads",
@@ -120,7 +111,6 @@ _DELEGATED = frozenset(f.name for f in dataclasses.fields(UNetConfig)) | {
     "time_embed_dim",
     "num_skips",
 }
-LAYOUT_ENCODING_KEY = "_sdsup_layout_encoding"
 
 
 def _hint_strides(layout_encoding: str, vae_scale_factor: int) -> int:
@@ -135,7 +125,8 @@ def _hint_strides(layout_encoding: str, vae_scale_factor: int) -> int:
     return n
 
 
-def _mirror_up_block_types(down_block_types: Sequence[str]) -> Tuple[str, ...]:
+def mirror_up_block_types(down_block_types: Sequence[str]) -> Tuple[str, ...]:
+    """The up block types matching `down_block_types` (a ControlNet's UNetConfig has no up path of its own)."""
     return tuple("CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(down_block_types))
 
 
@@ -159,7 +150,8 @@ class ControlNetConfig:
         Diffusion's VAE). Not a diffusers key and no parameter depends on it:
         it only validates the hint encoder's downsampling
         (2 ** (len(conditioning_embedding_out_channels) - 1) * image pixels
-        per hint pixel == vae_scale_factor). from_diffusers infers it.
+        per hint pixel == vae_scale_factor).
+        `sdsup.convert.controlnet.controlnet_config_from_diffusers` infers it.
     """
 
     unet: UNetConfig = STABLE_DIFFUSION_1_5
@@ -201,7 +193,7 @@ class ControlNetConfig:
             self.unet,
             sample_size=None,
             out_channels=self.unet.in_channels,
-            up_block_types=_mirror_up_block_types(self.unet.down_block_types),
+            up_block_types=mirror_up_block_types(self.unet.down_block_types),
             center_input_sample=False,
         )
         object.__setattr__(self, "unet", unet)
@@ -269,64 +261,6 @@ class ControlNetConfig:
             default = DEFAULT_HINT_CHANNELS[layout_encoding]
             hint = (default + (default[-1],) * n)[:n]
         return cls(unet, layout_encoding, channels, hint, vae_scale_factor)
-
-    @classmethod
-    def from_diffusers(
-        cls,
-        config: Mapping[str, Any],
-        layout_encoding: Optional[str] = None,
-        vae_scale_factor: Optional[int] = None,
-        **flax_options,
-    ) -> "ControlNetConfig":
-        """From a diffusers ControlNetModel config dict (e.g. a parsed config.json).
-
-        `layout_encoding`: given explicitly, else the `_sdsup_layout_encoding`
-        entry that `sdsup.convert.controlnet.save_pretrained_controlnet` writes,
-        else inferred: "colour" for 3 conditioning channels, "class_embedding"
-        otherwise. `vae_scale_factor`, when given, is checked against the hint
-        encoder; otherwise it is what the hint encoder implies (8 for the
-        usual ones). Unsupported diffusers
-        features raise ValueError naming the key; `flax_options` sets the
-        Flax-only UNetConfig fields.
-        """
-        config = dict(config)
-        stored = config.get(LAYOUT_ENCODING_KEY)
-        unet_keys = {}
-        for key, value in config.items():
-            if key.startswith("_") or key in ("conditioning_channels", "conditioning_embedding_out_channels"):
-                continue
-            if key in _CONTROLNET_ONLY_KEYS:
-                if value != _CONTROLNET_ONLY_KEYS[key]:
-                    raise ValueError(
-                        f"diffusers ControlNet config {key}={value!r} is not supported (only {_CONTROLNET_ONLY_KEYS[key]!r})"
-                    )
-                continue
-            if key in _DECODER_FIELDS:
-                raise ValueError(f"unknown diffusers ControlNet config key {key!r}")
-            unet_keys[key] = value
-        down = unet_keys.get("down_block_types", UNetConfig.down_block_types)
-        unet_keys["up_block_types"] = list(_mirror_up_block_types(down))
-        unet = UNetConfig.from_diffusers(unet_keys, **flax_options)
-        channels = config.get("conditioning_channels", 3)
-        hint = config.get("conditioning_embedding_out_channels", COLOUR_HINT_CHANNELS)
-        if hint is None:
-            raise ValueError("conditioning_embedding_out_channels=None is not supported")
-        if layout_encoding is None:
-            layout_encoding = stored
-        if layout_encoding is None:
-            layout_encoding = "colour" if channels == 3 else "class_embedding"
-        if vae_scale_factor is None:
-            vae_scale_factor = 2 ** (len(hint) - 1) * HINT_IMAGE_DOWNSAMPLE.get(layout_encoding, 1)
-        return cls(unet, layout_encoding, channels, tuple(hint), vae_scale_factor)
-
-    def to_diffusers(self) -> Dict[str, Any]:
-        """Config dict that diffusers' ControlNetModel(**cfg) accepts (layout_encoding is not in it)."""
-        out = {k: v for k, v in self.unet.to_diffusers().items() if k not in _DECODER_FIELDS}
-        out["conditioning_channels"] = self.conditioning_channels
-        out["conditioning_embedding_out_channels"] = list(self.conditioning_embedding_out_channels)
-        out.update(_CONTROLNET_ONLY_KEYS)
-        out["mid_block_type"] = "UNetMidBlock2DCrossAttn"
-        return out
 
 
 # A ControlNet for Stable Diffusion 1.5 in the sd-controlnet-seg format.
@@ -543,6 +477,10 @@ def dummy_inputs(config: ControlNetConfig, batch_size: int = 1, latent_size: Opt
 # Initialisation from the UNet.
 
 
+class ControlNetInitError(SdsupError, ValueError):
+    """The UNet's parameters do not fit the ControlNet's encoder: a parameter path or shape differs."""
+
+
 def _value(leaf):
     return leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
 
@@ -561,7 +499,7 @@ def controlnet_params_from_unet(
     dtype, and keep the ControlNet's boxing (nn.Partitioned) if it has one.
 
     Both trees may be wrapped in {'params': ...}; the result is wrapped iff
-    `controlnet_params` is. Raises ConversionError naming every parameter
+    `controlnet_params` is. Raises ControlNetInitError naming every parameter
     whose path or shape differs (e.g. an inpainting UNet's 9-channel conv_in).
     """
     wrapped = set(controlnet_params) == {"params"}
@@ -576,7 +514,7 @@ def controlnet_params_from_unet(
         if name not in cn:
             problems.append(f"ControlNet params lack {name}")
             continue
-        src, dst = flatten({name: un[name]}), flatten({name: cn[name]})
+        src, dst = flatten_dict({name: un[name]}), flatten_dict({name: cn[name]})
         for path in sorted(set(src) ^ set(dst)):
             where = "UNet" if path in src else "ControlNet"
             problems.append(f"{'/'.join(path)} only in the {where} params")
@@ -589,7 +527,7 @@ def controlnet_params_from_unet(
                 continue
             v = jnp.array(s, dtype=dv.dtype, copy=True)
             copied[path] = d.replace_boxed(v) if isinstance(d, nn.meta.AxisMetadata) else v
-        out[name] = unflatten(copied)[name] if copied else {}
+        out[name] = unflatten_dict(copied)[name] if copied else {}
     if problems:
-        raise ConversionError("cannot initialise the ControlNet from the UNet: " + "; ".join(problems))
+        raise ControlNetInitError("cannot initialise the ControlNet from the UNet: " + "; ".join(problems))
     return {"params": out} if wrapped else out

@@ -13,11 +13,13 @@ import json
 import os
 from typing import Any, Dict, Tuple
 
+import jax
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from sdsup.errors import SdsupError
+from sdsup.models import clip_text, clip_vision, controlnet, inception, layout, segmenter, unet, vae
 
 CONFIG_FILE, PARAMS_FILE = "config.json", "params.safetensors"
 
@@ -26,19 +28,17 @@ class ModelFileError(SdsupError):
     pass
 
 
-def _config_classes() -> Dict[str, Any]:
-    from sdsup.models import clip_text, clip_vision, controlnet, inception, layout, segmenter, unet, vae
-
-    return {
-        "unet": unet.UNetConfig,
-        "vae": vae.VAEConfig,
-        "controlnet": controlnet.ControlNetConfig,
-        "text_encoder": clip_text.CLIPTextConfig,
-        "image_encoder": clip_vision.CLIPVisionConfig,  # CLIP vision tower (+ projection), e.g. for CLIP score
-        "segmenter": segmenter.SegmenterConfig,
-        "layout": layout.LayoutConfig,
-        "inception": inception.InceptionConfig,  # FID features (sdsup.convert.inception)
-    }
+# Model kind (the "kind" entry of config.json) -> its config class.
+CONFIG_CLASSES: Dict[str, Any] = {
+    "unet": unet.UNetConfig,
+    "vae": vae.VAEConfig,
+    "controlnet": controlnet.ControlNetConfig,
+    "text_encoder": clip_text.CLIPTextConfig,
+    "image_encoder": clip_vision.CLIPVisionConfig,  # CLIP vision tower (+ projection), e.g. for CLIP score
+    "segmenter": segmenter.SegmenterConfig,
+    "layout": layout.LayoutConfig,
+    "inception": inception.InceptionConfig,  # FID features (sdsup.convert.inception)
+}
 
 
 def config_to_dict(config: Any) -> dict:
@@ -52,19 +52,16 @@ def config_to_dict(config: Any) -> dict:
 
 
 def config_from_dict(kind: str, d: dict) -> Any:
-    classes = _config_classes()
-    if kind not in classes:
-        raise ModelFileError(f"unknown model kind {kind!r}; known: {sorted(classes)}")
-    cls = classes[kind]
+    if kind not in CONFIG_CLASSES:
+        raise ModelFileError(f"unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
+    cls = CONFIG_CLASSES[kind]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in d.items():
         if name not in fields:
             raise ModelFileError(f"{kind} config has an unknown field {name!r}")
-        if dataclasses.is_dataclass(fields[name].type) or name == "unet":
-            from sdsup.models.unet import UNetConfig  # the conditioner embeds a UNet config
-
-            value = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        if dataclasses.is_dataclass(fields[name].type) or name == "unet":  # the conditioner embeds a UNet config
+            value = unet.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
         elif isinstance(value, list):
             value = tuple(tuple(x) if isinstance(x, list) else x for x in value)
         kwargs[name] = value
@@ -118,8 +115,6 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
     Initialising through a jitted `init` would compile the whole model
     (tens of seconds on 2 cores) just to draw random numbers.
     """
-    import jax
-
     rng = np.random.default_rng(seed)
 
     def one(path, leaf):

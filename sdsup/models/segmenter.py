@@ -32,7 +32,7 @@ The module reproduces transformers' `UperNetForSemanticSegmentation` with a
 """
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -63,7 +63,8 @@ class SegmenterConfig:
     """Architecture of the UperNet + ResNet segmenter.
 
     Field names follow transformers where one exists (`UperNetConfig.hidden_size`
-    is `head_channels` here, `num_labels` is `num_classes`).
+    is `head_channels` here, `num_labels` is `num_classes`);
+    `sdsup.convert.segmenter` maps transformers' UperNetConfig both ways.
     """
 
     num_classes: int = 150
@@ -154,92 +155,6 @@ class SegmenterConfig:
     def with_fake_class(self) -> "SegmenterConfig":
         """The discriminator's config: one extra output class, last, meaning "fake"."""
         return dataclasses.replace(self, num_classes=self.num_classes + 1)
-
-    # ---------------------------------------------------------------- transformers interop
-
-    @classmethod
-    def from_transformers(cls, config: Union[Mapping[str, Any], Any], **overrides) -> "SegmenterConfig":
-        """From a transformers `UperNetConfig` or its `to_dict()` / config.json form.
-
-        Only a ResNet backbone is supported. The image normalisation is not part
-        of a UperNetConfig (it lives in the image processor); pass `image_mean` /
-        `image_std` as overrides if the checkpoint used something other than
-        ImageNet statistics.
-        """
-        d = config if isinstance(config, Mapping) else config.to_dict()
-        if d.get("model_type", "upernet") != "upernet":
-            raise ValueError(f"expected an UperNet config, got model_type={d.get('model_type')!r}")
-        bb = d.get("backbone_config")
-        if bb is None:
-            bb = {}  # transformers then builds a default ResNet with all stages as outputs.
-        elif not isinstance(bb, Mapping):
-            bb = bb.to_dict()
-        if bb.get("model_type", "resnet") != "resnet":
-            raise ValueError(f"only ResNet backbones are supported, got {bb.get('model_type')!r}")
-        if bb.get("hidden_act", "relu") != "relu":
-            raise ValueError(f"only relu backbones are supported, got {bb.get('hidden_act')!r}")
-        if bb.get("num_channels", 3) != 3:
-            raise ValueError("the segmenter takes RGB images (num_channels=3)")
-        defaults = cls()
-        depths = tuple(bb.get("depths", defaults.depths))
-        stage_names = ("stem",) + tuple(f"stage{i + 1}" for i in range(len(depths)))
-        out_features = bb.get("out_features")
-        if out_features is None and bb.get("out_indices") is not None:
-            out_features = [stage_names[i] for i in bb["out_indices"]]
-        if out_features is None:
-            out_features = stage_names[1:]
-        if "num_labels" in d:
-            num_labels = d["num_labels"]
-        elif d.get("id2label") is not None:
-            num_labels = len(d["id2label"])
-        else:
-            num_labels = 2  # transformers' PreTrainedConfig default.
-        kwargs = dict(
-            num_classes=int(num_labels),
-            embedding_size=bb.get("embedding_size", defaults.embedding_size),
-            hidden_sizes=tuple(bb.get("hidden_sizes", defaults.hidden_sizes)),
-            depths=depths,
-            layer_type=bb.get("layer_type", defaults.layer_type),
-            downsample_in_first_stage=bool(bb.get("downsample_in_first_stage", False)),
-            downsample_in_bottleneck=bool(bb.get("downsample_in_bottleneck", False)),
-            out_features=tuple(out_features),
-            head_channels=d.get("hidden_size", 512),
-            pool_scales=tuple(d.get("pool_scales", (1, 2, 3, 6))),
-            use_auxiliary_head=bool(d.get("use_auxiliary_head", True)),
-            auxiliary_channels=d.get("auxiliary_channels", 256),
-            auxiliary_num_convs=d.get("auxiliary_num_convs", 1),
-            auxiliary_concat_input=bool(d.get("auxiliary_concat_input", False)),
-            auxiliary_in_channels=d.get("auxiliary_in_channels"),
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    def to_transformers(self):
-        """The equivalent transformers `UperNetConfig` (imports transformers lazily)."""
-        from transformers import ResNetConfig, UperNetConfig
-
-        backbone = ResNetConfig(
-            num_channels=3,
-            embedding_size=self.embedding_size,
-            hidden_sizes=list(self.hidden_sizes),
-            depths=list(self.depths),
-            layer_type=self.layer_type,
-            hidden_act="relu",
-            downsample_in_first_stage=self.downsample_in_first_stage,
-            downsample_in_bottleneck=self.downsample_in_bottleneck,
-            out_features=list(self.feature_stages),
-        )
-        return UperNetConfig(
-            backbone_config=backbone,
-            hidden_size=self.head_channels,
-            pool_scales=list(self.pool_scales),
-            num_labels=self.num_classes,
-            use_auxiliary_head=self.use_auxiliary_head,
-            auxiliary_channels=self.auxiliary_channels,
-            auxiliary_num_convs=self.auxiliary_num_convs,
-            auxiliary_concat_input=self.auxiliary_concat_input,
-            auxiliary_in_channels=self.auxiliary_in_channels,
-        )
 
 
 # -------------------------------------------------------------------- resampling
@@ -573,12 +488,16 @@ class UperNetSegmenter(nn.Module):
             return logits, aux
         return logits
 
-    def pooled_features(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Global-average-pooled last backbone stage, float32 [B, hidden_sizes[-1]].
+    def pooled_features(self, images: jax.Array, train: bool = False, all_stages: bool = False) -> jax.Array:
+        """Global-average-pooled backbone features, float32.
 
-        This is transformers' ResNetModel `pooler_output` (flattened); the
-        FID-like segmenter-feature metric uses it. Apply with
-        `method=UperNetSegmenter.pooled_features`.
+        The last stage [B, hidden_sizes[-1]]: transformers' ResNetModel
+        `pooler_output` (flattened). With `all_stages`, every stage's pooled
+        output concatenated [B, sum(hidden_sizes)]: textures (early stages) as
+        well as content (late ones), what the segmenter-feature FID compares.
+        Apply with `method=UperNetSegmenter.pooled_features`.
         """
         hidden = self.backbone(self.normalize(images), train)
+        if all_stages:
+            return jnp.concatenate([jnp.mean(h.astype(jnp.float32), axis=(1, 2)) for h in hidden[1:]], -1)
         return jnp.mean(hidden[-1].astype(jnp.float32), axis=(1, 2))

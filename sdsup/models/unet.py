@@ -36,7 +36,7 @@ first) and the mid block's output matches `mid_block_additional_residual`.
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -59,42 +59,6 @@ IntOrTuple = Union[int, Tuple[int, ...]]
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-# diffusers config keys this module does not implement, with the only value
-# it accepts for each (the diffusers default). Anything else is refused
-# rather than silently ignored.
-_UNSUPPORTED_DIFFUSERS_KEYS: Dict[str, Any] = {
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False,
-    "dropout": 0.0,
-    "act_fn": "silu",
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "num_attention_heads": None,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-    "reverse_transformer_layers_per_block": None,
-}
-# Only meaningful together with an addition embedding, which is refused above.
-_IGNORED_DIFFUSERS_KEYS = ("addition_embed_type_num_heads",)
-
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -106,7 +70,7 @@ class UNetConfig:
 
     Flax-only fields: `dtype` (compute), `param_dtype`, `remat` (rematerialise
     each down/mid/up block in the backward pass) and `attention_impl` (see
-    `sdsup.models.layers.attention`).
+    `sdsup.models.ops.attention.attention`).
     """
 
     sample_size: Optional[int] = None
@@ -190,45 +154,6 @@ class UNetConfig:
         """Number of skip connections (= down_block_additional_residuals a UNet accepts)."""
         n = len(self.block_out_channels)
         return 1 + sum(self.layers(i) for i in range(n)) + (n - 1)
-
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any], **flax_options) -> "UNetConfig":
-        """From a diffusers UNet2DConditionModel config dict (e.g. a parsed config.json).
-
-        Keys starting with "_" are metadata and skipped; a feature this UNet
-        does not implement raises ValueError naming the key. `flax_options`
-        sets the Flax-only fields (dtype, param_dtype, remat, attention_impl).
-        """
-        own = {f.name for f in dataclasses.fields(cls)}
-        flax_only = {"dtype", "param_dtype", "remat", "attention_impl"}
-        kwargs = {}
-        for key, value in config.items():
-            if key.startswith("_") or key in _IGNORED_DIFFUSERS_KEYS:
-                continue
-            if key in _UNSUPPORTED_DIFFUSERS_KEYS:
-                if value != _UNSUPPORTED_DIFFUSERS_KEYS[key]:
-                    raise ValueError(
-                        f"diffusers UNet config {key}={value!r} is not supported "
-                        f"(only {_UNSUPPORTED_DIFFUSERS_KEYS[key]!r})"
-                    )
-                continue
-            if key not in own or key in flax_only:
-                raise ValueError(f"unknown diffusers UNet config key {key!r}")
-            kwargs[key] = value
-        unknown = set(flax_options) - flax_only
-        if unknown:
-            raise ValueError(f"unknown Flax options {sorted(unknown)}; allowed: {sorted(flax_only)}")
-        return cls(**kwargs, **flax_options)
-
-    def to_diffusers(self) -> Dict[str, Any]:
-        """Config dict that diffusers' UNet2DConditionModel(**cfg) accepts."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name in ("dtype", "param_dtype", "remat", "attention_impl"):
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 # A diffusers config of Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, unet/config.json).

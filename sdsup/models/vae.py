@@ -7,7 +7,7 @@ Parameter names follow diffusers (`encoder/down_blocks_0/resnets_1/conv1/kernel`
 is `encoder.down_blocks.0.resnets.1.conv1.weight`), so `sdsup.convert.vae`
 maps weights both ways key by key.
 
-    vae = AutoencoderKL(VAEConfig.from_diffusers(config_json))
+    vae = AutoencoderKL(vae_config_from_diffusers(config_json))   # sdsup.convert.vae
     posterior = vae.apply(variables, images, method=vae.encode)   # DiagonalGaussian
     images = vae.apply(variables, z, method=vae.decode)
     latents = vae.encode_to_latents(variables, images, rng)      # scaled for the UNet
@@ -31,23 +31,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sdsup.models.layers import Conv, Dense, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention
+from sdsup.models.layers import Conv, Dense, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from sdsup.models.ops.attention import attention
 
 Array = jax.Array
 
-DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
-UP_BLOCK_TYPE = "UpDecoderBlock2D"
 # diffusers' epsilon for every GroupNorm of the autoencoder (hard-coded there too).
 _EPS = 1e-6
-
-# diffusers AutoencoderKL config keys that are not fields of VAEConfig, with
-# the only value accepted (the diffusers default). Block types are checked
-# separately (they must be one type per entry of block_out_channels).
-_FIXED_DIFFUSERS_KEYS: Dict[str, Any] = {"act_fn": "silu"}
-_FLAX_ONLY = ("dtype", "param_dtype", "remat", "attention_impl")
-# diffusers' defaults where they differ from VAEConfig's (SD 1.5) ones: a
-# diffusers config without these keys means these values.
-_DIFFUSERS_DEFAULTS: Dict[str, Any] = {"block_out_channels": (64,), "layers_per_block": 1, "sample_size": 32}
 
 
 def _tuple_or_none(value):
@@ -68,7 +58,7 @@ class VAEConfig:
 
     Flax-only fields: `dtype` (compute), `param_dtype`, `remat`
     (rematerialise each encoder/decoder layer in the backward pass) and
-    `attention_impl` (see `sdsup.models.layers.attention`).
+    `attention_impl` (see `sdsup.models.ops.attention.attention`).
     """
 
     in_channels: int = 3
@@ -124,65 +114,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Image size / latent size."""
         return 2 ** (self.num_levels - 1)
-
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any], **flax_options) -> "VAEConfig":
-        """From a diffusers AutoencoderKL config dict (e.g. a parsed vae/config.json).
-
-        Keys starting with "_" are metadata and skipped; absent keys take
-        diffusers' defaults (not VAEConfig's SD-1.5 ones). Block types other
-        than DownEncoderBlock2D / UpDecoderBlock2D, act_fn other than silu and
-        unknown keys raise ValueError naming the key. `flax_options` sets the
-        Flax-only fields (dtype, param_dtype, remat, attention_impl).
-        """
-        own = {f.name for f in dataclasses.fields(cls)} - set(_FLAX_ONLY)
-        kwargs: Dict[str, Any] = {}
-        block_types = {}
-        for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key in _FIXED_DIFFUSERS_KEYS:
-                if value != _FIXED_DIFFUSERS_KEYS[key]:
-                    raise ValueError(
-                        f"diffusers AutoencoderKL config {key}={value!r} is not supported "
-                        f"(only {_FIXED_DIFFUSERS_KEYS[key]!r})"
-                    )
-                continue
-            if key in ("down_block_types", "up_block_types"):
-                block_types[key] = tuple(value)
-                continue
-            if key not in own:
-                raise ValueError(f"unknown or unsupported diffusers AutoencoderKL config key {key!r}")
-            kwargs[key] = value
-        unknown = set(flax_options) - set(_FLAX_ONLY)
-        if unknown:
-            raise ValueError(f"unknown Flax options {sorted(unknown)}; allowed: {sorted(_FLAX_ONLY)}")
-        for key, value in _DIFFUSERS_DEFAULTS.items():
-            kwargs.setdefault(key, value)
-        out = cls(**kwargs, **flax_options)
-        for key, want in (("down_block_types", DOWN_BLOCK_TYPE), ("up_block_types", UP_BLOCK_TYPE)):
-            types = block_types.get(key, (want,) * out.num_levels)
-            if any(t != want for t in types):
-                raise ValueError(f"diffusers AutoencoderKL config {key}={list(types)} is not supported (only {want!r})")
-            if len(types) != out.num_levels:
-                raise ValueError(
-                    f"{key} has {len(types)} entries but block_out_channels {out.block_out_channels} has {out.num_levels}"
-                )
-        return out
-
-    def to_diffusers(self) -> Dict[str, Any]:
-        """Config dict that diffusers' AutoencoderKL(**cfg) accepts (and config.json can hold)."""
-        out: Dict[str, Any] = {
-            "down_block_types": [DOWN_BLOCK_TYPE] * self.num_levels,
-            "up_block_types": [UP_BLOCK_TYPE] * self.num_levels,
-            "act_fn": "silu",
-        }
-        for f in dataclasses.fields(self):
-            if f.name in _FLAX_ONLY:
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 # A diffusers config of Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, vae/config.json).

@@ -11,7 +11,12 @@ import safetensors.numpy
 import torch
 import transformers
 
-from sdsup.convert.clip_text import clip_text_from_torch, clip_text_to_torch
+from sdsup.convert.clip_text import (
+    clip_text_config_from_transformers,
+    clip_text_config_to_transformers,
+    clip_text_from_torch,
+    clip_text_to_torch,
+)
 from sdsup.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTextTransformer
 
 torch.set_num_threads(1)  # the CPU cores are shared with other test runs
@@ -109,7 +114,7 @@ def _assert_close(flax_array, torch_tensor, what):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_forward_matches_transformers(name):
     tmodel = _torch_model(name)
-    config = CLIPTextConfig.from_transformers(tmodel.config)
+    config = clip_text_config_from_transformers(tmodel.config)
     variables = clip_text_from_torch(_numpy_sd(tmodel), config)
     fmodel = CLIPTextTransformer(config)
     ids, mask, left = _inputs(name)
@@ -142,7 +147,7 @@ def test_forward_matches_transformers(name):
 def test_remat_is_numerically_transparent():
     name = "gelu_odd_hidden_eos7"
     tmodel = _torch_model(name)
-    config = CLIPTextConfig.from_transformers(tmodel.config)
+    config = clip_text_config_from_transformers(tmodel.config)
     variables = clip_text_from_torch(_numpy_sd(tmodel), config)
     ids, mask, _ = _inputs(name)
     plain = _flax_forward(CLIPTextTransformer(config), variables, ids, mask)
@@ -156,7 +161,7 @@ def test_remat_is_numerically_transparent():
 def test_bfloat16_compute_tracks_float32():
     name = "gelu_odd_hidden_eos7"
     tmodel = _torch_model(name)
-    config = CLIPTextConfig.from_transformers(tmodel.config)
+    config = clip_text_config_from_transformers(tmodel.config)
     variables = clip_text_from_torch(_numpy_sd(tmodel), config)
     ids, mask, _ = _inputs(name)
     ref = _torch_forward(tmodel, ids, mask).last_hidden_state.numpy()
@@ -183,7 +188,7 @@ def test_round_trips_are_bitwise(name):
 
     # The unprefixed export is exactly transformers 5's state_dict: strict load,
     # then PyTorch -> Flax -> PyTorch is bitwise too.
-    tmodel = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config.to_transformers()))
+    tmodel = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_text_config_to_transformers(config)))
     tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in clip_text_to_torch(back, config, prefix="").items()})
     tsd = _numpy_sd(tmodel)
     again = clip_text_to_torch(clip_text_from_torch(tsd, config), config, prefix="")
@@ -200,12 +205,12 @@ def test_export_loads_with_from_pretrained(tmp_path):
     variables = jax.tree.map(lambda x: x * 1.1 + 0.01, variables)
 
     # What save_pretrained writes: config.json + model.safetensors.
-    transformers.CLIPTextConfig(**config.to_transformers()).save_pretrained(tmp_path)
+    transformers.CLIPTextConfig(**clip_text_config_to_transformers(config)).save_pretrained(tmp_path)
     safetensors.numpy.save_file(clip_text_to_torch(variables, config), os.path.join(tmp_path, "model.safetensors"),
                                 metadata={"format": "pt"})
     loaded, info = transformers.CLIPTextModel.from_pretrained(tmp_path, local_files_only=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    assert CLIPTextConfig.from_transformers(loaded.config) == config
+    assert clip_text_config_from_transformers(loaded.config) == config
 
     ids, mask, _ = _inputs(name)
     for m in (None, mask):
@@ -218,7 +223,7 @@ def test_export_loads_with_from_pretrained(tmp_path):
 def test_with_projection_matches_and_round_trips():
     name = "quick_gelu_legacy_eos"
     tmodel = _torch_model(name, transformers.CLIPTextModelWithProjection)
-    config = CLIPTextConfig.from_transformers(tmodel.config)
+    config = clip_text_config_from_transformers(tmodel.config)
     sd = _numpy_sd(tmodel)
     assert "text_projection.weight" in sd and "text_model.final_layer_norm.bias" in sd
 
@@ -282,12 +287,12 @@ def test_conversion_errors_name_the_key():
 def test_config_round_trips_through_transformers():
     for kwargs in CONFIGS.values():
         config = CLIPTextConfig(**kwargs)
-        hf = transformers.CLIPTextConfig(**config.to_transformers())
-        assert CLIPTextConfig.from_transformers(hf) == config
-        assert CLIPTextConfig.from_transformers(hf.to_dict()) == config
+        hf = transformers.CLIPTextConfig(**clip_text_config_to_transformers(config))
+        assert clip_text_config_from_transformers(hf) == config
+        assert clip_text_config_from_transformers(hf.to_dict()) == config
     # A full CLIPConfig contributes its text_config (and top-level projection_dim).
     full = transformers.CLIPConfig(text_config=CONFIGS["gelu_odd_hidden_eos7"], projection_dim=20)
-    assert CLIPTextConfig.from_transformers(full) == CLIPTextConfig(**CONFIGS["gelu_odd_hidden_eos7"])
+    assert clip_text_config_from_transformers(full) == CLIPTextConfig(**CONFIGS["gelu_odd_hidden_eos7"])
     with pytest.raises(ValueError, match="divisible"):
         CLIPTextConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match="hidden_act"):
@@ -312,7 +317,7 @@ def test_vit_l14_text_parameter_count_abstractly():
 
     # transformers agrees, built on the meta device so nothing is allocated.
     with torch.device("meta"):
-        tmodel = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config.to_transformers()))
+        tmodel = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_text_config_to_transformers(config)))
     assert sum(p.numel() for p in tmodel.parameters()) == count
 
     # Every parameter carries logical axis names (the partitioning convention).

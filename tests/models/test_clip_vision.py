@@ -8,8 +8,15 @@ import pytest
 import torch
 import transformers
 
-from sdsup.convert.clip_vision import ClipConvertError, clip_vision_from_torch, clip_vision_to_torch
+from sdsup.convert.clip_vision import (
+    ClipConvertError,
+    clip_vision_config_from_transformers,
+    clip_vision_config_to_transformers,
+    clip_vision_from_torch,
+    clip_vision_to_torch,
+)
 from sdsup.errors import SdsupError
+from sdsup.models import io as model_io
 from sdsup.models.clip_vision import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -83,7 +90,7 @@ def _assert_close(flax_array, torch_tensor, what, tol=TOL):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_forward_matches_transformers(name):
     tmodel = _torch_model(name)
-    config = CLIPVisionConfig.from_transformers(tmodel.config)
+    config = clip_vision_config_from_transformers(tmodel.config)
     variables = clip_vision_from_torch(_numpy_sd(tmodel), config, with_projection=True)
     pixels = _pixels(name)
 
@@ -113,7 +120,7 @@ def test_forward_matches_transformers(name):
 def test_bfloat16_compute_tracks_float32_and_remat_is_per_layer():
     name = "gelu_odd_hidden_p5"
     tmodel = _torch_model(name)
-    config = CLIPVisionConfig.from_transformers(tmodel.config)
+    config = clip_vision_config_from_transformers(tmodel.config)
     variables = clip_vision_from_torch(_numpy_sd(tmodel), config, with_projection=True)
     pixels = _pixels(name)
     with torch.no_grad():
@@ -148,7 +155,8 @@ def test_round_trips_are_bitwise(name):
 
     # Flax -> PyTorch -> Flax, with the projection: exactly the keys of transformers' model.
     sd = clip_vision_to_torch(boxed, config, with_projection=True)
-    tmodel = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**config.to_transformers()))
+    hf_config = transformers.CLIPVisionConfig(**clip_vision_config_to_transformers(config))
+    tmodel = transformers.CLIPVisionModelWithProjection(hf_config)
     assert sd.keys() == tmodel.state_dict().keys()
     back = clip_vision_from_torch(sd, config, with_projection=True)
     assert jax.tree.structure(back) == jax.tree.structure(flax_params)
@@ -157,7 +165,7 @@ def test_round_trips_are_bitwise(name):
 
     # The unprefixed tower export is transformers 5's CLIPVisionModel state_dict:
     # strict load, then PyTorch -> Flax -> PyTorch is bitwise too.
-    bare = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**config.to_transformers()))
+    bare = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**clip_vision_config_to_transformers(config)))
     tower = {"params": back["params"]["vision_model"]}
     bare.load_state_dict({k: torch.from_numpy(v) for k, v in clip_vision_to_torch(tower, config, prefix="").items()})
     tsd = _numpy_sd(bare)
@@ -218,13 +226,13 @@ def test_conversion_errors_name_the_key():
 def test_config_round_trips_through_transformers():
     for kwargs in CONFIGS.values():
         config = CLIPVisionConfig(**kwargs)
-        hf = transformers.CLIPVisionConfig(**config.to_transformers())
-        assert CLIPVisionConfig.from_transformers(hf) == config
-        assert CLIPVisionConfig.from_transformers(hf.to_dict()) == config
+        hf = transformers.CLIPVisionConfig(**clip_vision_config_to_transformers(config))
+        assert clip_vision_config_from_transformers(hf) == config
+        assert clip_vision_config_from_transformers(hf.to_dict()) == config
     # A full CLIPConfig contributes its vision_config and its top-level projection_dim.
     full = transformers.CLIPConfig(vision_config=CONFIGS["quick_gelu_p4"], projection_dim=7)
-    assert CLIPVisionConfig.from_transformers(full) == CLIPVisionConfig(**dict(CONFIGS["quick_gelu_p4"],
-                                                                               projection_dim=7))
+    assert clip_vision_config_from_transformers(full) == CLIPVisionConfig(**dict(CONFIGS["quick_gelu_p4"],
+                                                                                 projection_dim=7))
     assert CLIPVisionConfig(image_size=[16, 16], patch_size=(4, 4)) == CLIPVisionConfig(image_size=16, patch_size=4)
     for kwargs, match in [(dict(hidden_size=30, num_attention_heads=4), "divisible by num_attention_heads"),
                           (dict(hidden_act="xielu"), "hidden_act"),
@@ -252,7 +260,8 @@ def test_vit_l14_vision_parameter_count_abstractly():
 
     # transformers agrees, built on the meta device so nothing is allocated.
     with torch.device("meta"):
-        tmodel = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**config.to_transformers()))
+        hf_config = transformers.CLIPVisionConfig(**clip_vision_config_to_transformers(config))
+        tmodel = transformers.CLIPVisionModelWithProjection(hf_config)
     assert count == sum(p.numel() for p in tmodel.parameters())
     assert 303_000_000 < count < 305_000_000  # ViT-L/14 + projection, as published (~304M)
 
@@ -276,12 +285,10 @@ def test_vit_l14_vision_parameter_count_abstractly():
 
 
 def test_model_directory_round_trip(tmp_path):
-    from sdsup.models import io
-
     config = CLIPVisionConfig(**CONFIGS["gelu_odd_hidden_p5"])
     params = nn.meta.unbox(_random_boxed(config, seed=5))["params"]
-    io.save(str(tmp_path / "image_encoder"), "image_encoder", config, params)
-    kind, loaded_config, loaded, _ = io.load(str(tmp_path / "image_encoder"))
+    model_io.save(str(tmp_path / "image_encoder"), "image_encoder", config, params)
+    kind, loaded_config, loaded, _ = model_io.load(str(tmp_path / "image_encoder"))
     assert kind == "image_encoder" and loaded_config == config
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))

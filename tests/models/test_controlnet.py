@@ -6,6 +6,7 @@ controlnet_down_blocks, controlnet_mid_block): with them at zero every
 residual would be 0 and the comparison meaningless.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from sdsup.convert.controlnet import (
+    CONTROLNET_SEQUENCE_NAMES,
     ConversionError,
+    controlnet_config_from_diffusers,
+    controlnet_config_to_diffusers,
     controlnet_from_torch,
     controlnet_param_shapes,
     controlnet_to_torch,
@@ -29,11 +33,12 @@ from sdsup.convert.controlnet import (
     save_pretrained_controlnet,
     write_class_embedding_recipe,
 )
-from sdsup.convert.torch_layout import flatten, torch_key
-from sdsup.convert.unet import unet_from_torch
+from sdsup.convert.torch_layout import flatten, torch_key, torch_shape
+from sdsup.convert.unet import unet_config_to_diffusers, unet_from_torch
 from sdsup.models.controlnet import (
     STABLE_DIFFUSION_1_5_SEG,
     ControlNetConfig,
+    ControlNetInitError,
     ControlNetModel,
     class_embedding_hint,
     colour_hint,
@@ -147,7 +152,7 @@ class _Case:
         self.name = name
         self.config = cfg = CASES[name]
         torch.manual_seed(0)
-        self.torch_cn = diffusers.ControlNetModel(**cfg.to_diffusers()).eval()
+        self.torch_cn = diffusers.ControlNetModel(**controlnet_config_to_diffusers(cfg)).eval()
         _randomize(self.torch_cn, seed=len(name))
         self.params = controlnet_from_torch(_numpy_sd(self.torch_cn), cfg)
         self.inputs = _inputs(name, cfg)
@@ -158,7 +163,7 @@ class _Case:
         if self._unet is None:
             # The encoder config, normalised by ControlNetConfig, is a whole UNet (mirrored up blocks).
             unet_cfg = self.config.unet
-            torch_unet = diffusers.UNet2DConditionModel(**unet_cfg.to_diffusers()).eval()
+            torch_unet = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(unet_cfg)).eval()
             _randomize(torch_unet, seed=1 + len(self.name))
             self._unet = (unet_cfg, torch_unet, unet_from_torch(_numpy_sd(torch_unet), unet_cfg))
         return self._unet
@@ -277,8 +282,6 @@ def test_fresh_controlnet_leaves_unet_unchanged_bitwise():
 
 
 def test_unet_copy_rule():
-    import dataclasses
-
     cfg = CASES["class_embedding_3lvl_linear"]
     sample, t, context, cond = (x[:1] for x in _inputs("class_embedding_3lvl_linear", cfg))
     abstract_unet = jax.eval_shape(UNet2DConditionModel(cfg.unet).init, jax.random.PRNGKey(0), sample, t, context)
@@ -309,7 +312,7 @@ def test_unet_copy_rule():
     # A UNet whose encoder differs (9-channel inpainting conv_in) is refused, naming the parameter.
     inpaint = UNet2DConditionModel(dataclasses.replace(cfg.unet, in_channels=9))
     bad = jax.eval_shape(inpaint.init, jax.random.PRNGKey(0), jnp.zeros(sample.shape[:3] + (9,)), t, context)
-    with pytest.raises(ConversionError, match="conv_in/kernel"):
+    with pytest.raises(ControlNetInitError, match="conv_in/kernel"):
         controlnet_params_from_unet(_random_params(nn.meta.unbox(bad), 0), cn, cfg)
 
 
@@ -325,7 +328,7 @@ def test_round_trip_bitwise(name):
     abstract = jax.eval_shape(ControlNetModel(cfg).init, jax.random.PRNGKey(5), *dummy_inputs(cfg))
     fresh = nn.meta.unbox(_random_params(abstract, seed=5)["params"])
     sd = controlnet_to_torch({"params": fresh}, cfg)
-    model = diffusers.ControlNetModel(**cfg.to_diffusers())
+    model = diffusers.ControlNetModel(**controlnet_config_to_diffusers(cfg))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     back = controlnet_from_torch(model.state_dict(), cfg)
     fa, fb = flatten(fresh), flatten(back)
@@ -403,7 +406,7 @@ def test_export_loads_in_diffusers(tmp_path, name):
     cfg2, params2 = load_pretrained_controlnet(directory)
     assert cfg2 == cfg
     assert cfg2.layout_encoding == cfg.layout_encoding
-    assert ControlNetConfig.from_diffusers(dict(loaded.config)) == cfg
+    assert controlnet_config_from_diffusers(dict(loaded.config)) == cfg
     for path, v in flatten(params2).items():
         assert v.tobytes() == np.asarray(flatten(case.params)[path]).tobytes(), path
 
@@ -414,19 +417,17 @@ def test_export_loads_in_diffusers(tmp_path, name):
 
 def test_config_round_trip_and_refusals():
     for cfg in CASES.values():
-        d = cfg.to_diffusers()
-        assert ControlNetConfig.from_diffusers(d, layout_encoding=cfg.layout_encoding) == cfg
-        assert ControlNetConfig.from_diffusers(d) == cfg  # inferred from the hint encoder
+        d = controlnet_config_to_diffusers(cfg)
+        assert controlnet_config_from_diffusers(d, layout_encoding=cfg.layout_encoding) == cfg
+        assert controlnet_config_from_diffusers(d) == cfg  # inferred from the hint encoder
         diffusers.ControlNetModel.from_config(d)  # accepted as is (smallest case is built in other tests)
     cfg = CASES["colour_2lvl"]
-    d = cfg.to_diffusers()
+    d = controlnet_config_to_diffusers(cfg)
     for key, value in [("controlnet_conditioning_channel_order", "bgr"), ("global_pool_conditions", True),
                        ("mid_block_type", "UNetMidBlock2D"), ("class_embed_type", "timestep"),
                        ("sample_size", 64)]:
         with pytest.raises(ValueError, match=key):
-            ControlNetConfig.from_diffusers(dict(d, **{key: value}))
-    import dataclasses
-
+            controlnet_config_from_diffusers(dict(d, **{key: value}))
     with pytest.raises(ValueError, match="layers_per_block"):
         ControlNetConfig(dataclasses.replace(cfg.unet, layers_per_block=(1, 2)))
     with pytest.raises(ValueError, match="conditioning_channels must be 3"):
@@ -445,7 +446,7 @@ def test_config_round_trip_and_refusals():
     big = ControlNetConfig.from_unet(cfg.unet, "class_embedding", class_embedding_dim=12, vae_scale_factor=16)
     assert big.conditioning_embedding_out_channels == (512, 256, 256)
     assert ControlNetConfig.from_unet(cfg.unet, vae_scale_factor=4).conditioning_embedding_out_channels == (16, 32, 96)
-    assert ControlNetConfig.from_diffusers(small.to_diffusers()) == small
+    assert controlnet_config_from_diffusers(controlnet_config_to_diffusers(small)) == small
     with pytest.raises(ValueError, match="no stride-2 hint encoder"):
         ControlNetConfig.from_unet(cfg.unet, "class_embedding", class_embedding_dim=12, vae_scale_factor=2)
     with pytest.raises(ValueError, match="downsamples 4x"):
@@ -547,10 +548,7 @@ def test_sd15_controlnet_parameter_count_and_keys():
     assert sum(1 for p in shapes if p[0].startswith("controlnet_down_blocks_") and p[-1] == "kernel") == 12
     # Key names and shapes equal diffusers' (model built on the meta device: nothing allocated).
     with torch.device("meta"):
-        ref = diffusers.ControlNetModel(**cfg.to_diffusers())
+        ref = diffusers.ControlNetModel(**controlnet_config_to_diffusers(cfg))
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    from sdsup.convert.controlnet import CONTROLNET_SEQUENCE_NAMES
-    from sdsup.convert.torch_layout import torch_shape
-
     ours = {torch_key(p, CONTROLNET_SEQUENCE_NAMES): torch_shape(p[-1], s) for p, s in shapes.items()}
     assert ours == ref_shapes

@@ -1,5 +1,6 @@
 """The text -> layout network: shapes, the MASK id, config checks, model files, evaluation helpers."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,6 @@ def test_position_embedding_tells_pixels_of_a_fully_masked_map_apart(tmp_path):
     table = params["position_embedding"].value.reshape(8, 8, 6).transpose(1, 0, 2).reshape(64, 6)
     swapped = dict(params, position_embedding=params["position_embedding"].replace_boxed(table))
     assert float(jnp.max(jnp.abs(apply({"params": swapped}, ids, ratio, context) - logits))) > 1e-3
-    import flax.linen as nn
     model_io.save(str(tmp_path / "m"), "layout", config, nn.meta.unbox(params))
     assert model_io.load(str(tmp_path / "m"))[1] == config
     # Model files written before the option existed still load (the option defaults to off).
@@ -66,7 +66,6 @@ def test_config_checks_and_model_files_round_trip(tmp_path):
         LayoutConfig.build(num_classes=1, resolution=8, embed_dim=6, cross_attention_dim=12, **UNET)
     config = _config()
     params = jax.tree.map(np.asarray, LayoutModel(config).init(jax.random.PRNGKey(0), *dummy_inputs(config, 3))["params"])
-    import flax.linen as nn
     params = nn.meta.unbox(params)
     model_io.save(str(tmp_path / "m"), "layout", config, params)
     kind, loaded, got, _ = model_io.load(str(tmp_path / "m"))

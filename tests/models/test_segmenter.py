@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 from transformers import ResNetConfig, UperNetConfig, UperNetForSemanticSegmentation
 
-from sdsup.convert.segmenter import segmenter_from_torch, segmenter_to_torch
+from sdsup.convert.segmenter import (
+    segmenter_config_from_transformers,
+    segmenter_config_to_transformers,
+    segmenter_from_torch,
+    segmenter_to_torch,
+)
 from sdsup.models.partitioning import BIAS, CONV_KERNEL, NORM_PARAM
 from sdsup.models.segmenter import (
     SegmenterConfig,
@@ -110,7 +115,7 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
     tcfg, size = CASES[request.param]
-    cfg = SegmenterConfig.from_transformers(tcfg)
+    cfg = segmenter_config_from_transformers(tcfg)
     seed = list(CASES).index(request.param)
     tmodel = _randomize(UperNetForSemanticSegmentation(tcfg), seed).eval()
     images, pixel_values = _images(size, seed)
@@ -266,10 +271,10 @@ def test_init_tree_axes_and_bitwise_round_trip(case):
 
 def test_config_round_trip(case):
     cfg, tcfg = case["cfg"], case["tcfg"]
-    assert SegmenterConfig.from_transformers(cfg.to_transformers()) == cfg
-    assert SegmenterConfig.from_transformers(tcfg.to_dict()) == cfg
+    assert segmenter_config_from_transformers(segmenter_config_to_transformers(cfg)) == cfg
+    assert segmenter_config_from_transformers(tcfg.to_dict()) == cfg
     # config.json form: string label ids, lists.
-    assert SegmenterConfig.from_transformers(json.loads(json.dumps(tcfg.to_dict()))) == cfg
+    assert segmenter_config_from_transformers(json.loads(json.dumps(tcfg.to_dict()))) == cfg
     assert cfg.num_classes == tcfg.num_labels
     assert cfg.use_auxiliary_head == tcfg.use_auxiliary_head
     assert list(cfg.feature_stages) == list(tcfg.backbone_config.out_features)
@@ -330,7 +335,7 @@ def test_discriminator_has_fake_class_and_exports_to_torch():
     logits = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x, train=False))(params, stats, images)
     assert logits.shape == (2, 40, 40, n + 1)
 
-    tmodel = UperNetForSemanticSegmentation(cfg.to_transformers()).eval()
+    tmodel = UperNetForSemanticSegmentation(segmenter_config_to_transformers(cfg)).eval()
     assert tmodel.config.num_labels == n + 1
     tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in segmenter_to_torch(params, stats, cfg).items()})
     with torch.no_grad():
@@ -356,7 +361,7 @@ def test_adaptive_avg_pool_matches_torch(src, out):
 
 def test_train_mode_rejects_single_value_per_channel():
     """As torch: the pool-scale-1 branch of a batch of 1 has one value per channel."""
-    cfg = SegmenterConfig.from_transformers(CASES["basic4_40x40"][0])
+    cfg = segmenter_config_from_transformers(CASES["basic4_40x40"][0])
     model = UperNetSegmenter(cfg)
     x = jnp.zeros((1, 40, 40, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
@@ -372,11 +377,11 @@ def test_invalid_configs_raise():
     with pytest.raises(ValueError, match="auxiliary head reads"):
         SegmenterConfig(depths=(1, 1), hidden_sizes=(8, 16), use_auxiliary_head=True)
     with pytest.raises(ValueError, match="only ResNet"):
-        SegmenterConfig.from_transformers({"model_type": "upernet", "backbone_config": {"model_type": "convnext"}})
+        segmenter_config_from_transformers({"model_type": "upernet", "backbone_config": {"model_type": "convnext"}})
 
 
 def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
-    cfg = SegmenterConfig.from_transformers(CASES["bottleneck3_aux_56x72"][0])
+    cfg = segmenter_config_from_transformers(CASES["bottleneck3_aux_56x72"][0])
     model = UperNetSegmenter(cfg, dtype=jnp.bfloat16)
     x = jnp.zeros((2, 56, 72, 3), jnp.float32)
     variables = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False)))

@@ -12,8 +12,18 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 
 from sdsup.convert.torch_layout import ConversionError, flatten, flax_module_path, torch_key, torch_shape, unflatten
-from sdsup.convert.unet import UNET_SEQUENCE_NAMES, unet_from_torch, unet_param_shapes, unet_to_torch
+from sdsup.convert.unet import (
+    UNET_SEQUENCE_NAMES,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_from_torch,
+    unet_param_shapes,
+    unet_to_torch,
+)
 from sdsup.models import layers
+from sdsup.models.ops import attention as attention_ops
+from sdsup.models.ops import conv as conv_ops
+from sdsup.models.ops import norm as norm_ops
 from sdsup.models.unet import STABLE_DIFFUSION_1_5, STABLE_DIFFUSION_2_1, UNet2DConditionModel, UNetConfig
 
 # Tiny configurations that between them cover: 2, 3 and 4 resolution levels;
@@ -68,7 +78,7 @@ CONFIGS = {
 
 def _torch_unet(config: UNetConfig, seed: int = 0) -> TorchUNet:
     torch.manual_seed(seed)
-    return TorchUNet(**config.to_diffusers()).eval()
+    return TorchUNet(**unet_config_to_diffusers(config)).eval()
 
 
 def _inputs(config: UNetConfig, size, batch=2, tokens=5, seed=0):
@@ -134,7 +144,7 @@ def test_matches_diffusers(name):
     if name == "two_levels_winograd":
         width = config.block_out_channels[0]
         level0 = (*sample.shape[:3], width)
-        assert layers._use_winograd(level0, (3, 3, width, width), sample.dtype, (1, 1), ((1, 1), (1, 1)))
+        assert conv_ops.use_winograd(level0, (3, 3, width, width), sample.dtype, (1, 1), ((1, 1), (1, 1)))
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
     np.testing.assert_allclose(out_res, ref_res, atol=1e-4, rtol=0)
     # The residuals must matter, or the second comparison proves nothing.
@@ -236,24 +246,25 @@ def test_stable_diffusion_1_5_shapes_and_parameter_count():
     assert sum(math.prod(s) for s in shapes.values()) == 859_520_964
     # Key for key and shape for shape what diffusers builds, on the meta device (no memory).
     with torch.device("meta"):
-        torch_model = TorchUNet(**config.to_diffusers())
+        torch_model = TorchUNet(**unet_config_to_diffusers(config))
     theirs = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
     ours = {torch_key(p, UNET_SEQUENCE_NAMES): torch_shape(p[-1], s) for p, s in shapes.items()}
     assert ours == theirs
     # And diffusers' own config of the model reads back to the same UNetConfig.
-    assert UNetConfig.from_diffusers(dict(torch_model.config)) == config
+    assert unet_config_from_diffusers(dict(torch_model.config)) == config
 
 
 def test_config_round_trip_and_refusals():
     for config in (STABLE_DIFFUSION_1_5, STABLE_DIFFUSION_2_1, *(c for c, _ in CONFIGS.values())):
-        assert UNetConfig.from_diffusers(config.to_diffusers()) == config
-    sd21 = dict(STABLE_DIFFUSION_2_1.to_diffusers(), _class_name="UNet2DConditionModel", _diffusers_version="0.8.0")
+        assert unet_config_from_diffusers(unet_config_to_diffusers(config)) == config
+    sd21 = dict(unet_config_to_diffusers(STABLE_DIFFUSION_2_1), _class_name="UNet2DConditionModel",
+                _diffusers_version="0.8.0")
     sd21["attention_head_dim"] = list(sd21["attention_head_dim"])  # as in a config.json
-    assert UNetConfig.from_diffusers(sd21, remat=True) == dataclasses.replace(STABLE_DIFFUSION_2_1, remat=True)
+    assert unet_config_from_diffusers(sd21, remat=True) == dataclasses.replace(STABLE_DIFFUSION_2_1, remat=True)
     with pytest.raises(ValueError, match="class_embed_type"):
-        UNetConfig.from_diffusers(dict(sd21, class_embed_type="timestep"))
+        unet_config_from_diffusers(dict(sd21, class_embed_type="timestep"))
     with pytest.raises(ValueError, match="no_such_key"):
-        UNetConfig.from_diffusers(dict(sd21, no_such_key=1))
+        unet_config_from_diffusers(dict(sd21, no_such_key=1))
     with pytest.raises(ValueError, match="not divisible"):
         UNetConfig(block_out_channels=(30, 60, 90, 90))
 
@@ -309,7 +320,7 @@ def test_group_norm_matches_torch(shape, groups, offset, spread, tol, silu):
     cot = rs.randn(*shape).astype(np.float32)
 
     def ours(x, s, b):
-        return layers.group_norm(x, s, b, groups, 1e-5, silu)
+        return norm_ops.group_norm(x, s, b, groups, 1e-5, silu)
 
     out, vjp = jax.vjp(ours, jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
     grads = vjp(jnp.asarray(cot))
@@ -340,16 +351,16 @@ def test_chunked_attention_matches_reference(q_len, kv_len, block_q, group):
     cot = jnp.asarray(rs.randn(b, q_len, h, d).astype(np.float32))
 
     def chunked(q, k, v):
-        return layers.chunked_attention(q, k, v, block_q=block_q, group=group)
+        return attention_ops.chunked_attention(q, k, v, block_q=block_q, group=group)
 
     def reference(q, k, v):
-        return layers.attention(q, k, v, "xla")
+        return attention_ops.attention(q, k, v, "xla")
 
     @jax.jit
     def run(q, k, v, cot):
         out, vjp = jax.vjp(chunked, q, k, v)
         ref, vjp_ref = jax.vjp(reference, q, k, v)
-        others = [layers.attention(q, k, v, impl) for impl in ("auto", "jax")]
+        others = [attention_ops.attention(q, k, v, impl) for impl in ("auto", "jax")]
         return out, ref, vjp(cot), vjp_ref(cot), others
 
     out, ref, grads, grads_ref, others = run(q, k, v, cot)

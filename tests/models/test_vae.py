@@ -16,6 +16,8 @@ import torch
 from sdsup.convert.torch_layout import ConversionError, unflatten
 from sdsup.convert.vae import (
     rename_legacy_attention_keys,
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
     vae_from_torch,
     vae_param_shapes,
     vae_to_torch,
@@ -54,7 +56,7 @@ _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_le
 
 def _config(name: str, **flax_options) -> VAEConfig:
     flax_options = dict(FLAX_OPTIONS[name], **flax_options)
-    return VAEConfig.from_diffusers(
+    return vae_config_from_diffusers(
         dict(CONFIGS[name], down_block_types=["DownEncoderBlock2D"] * len(CONFIGS[name]["block_out_channels"]),
              up_block_types=["UpDecoderBlock2D"] * len(CONFIGS[name]["block_out_channels"])),
         **flax_options,
@@ -79,7 +81,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 @functools.lru_cache(maxsize=None)
 def _torch_model(name: str) -> diffusers.AutoencoderKL:
     torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(**_config(name).to_diffusers()).eval()
+    model = diffusers.AutoencoderKL(**vae_config_to_diffusers(_config(name))).eval()
     _randomize(model, seed=len(name))
     return model
 
@@ -232,12 +234,12 @@ def test_export_loads_with_from_pretrained(tmp_path):
     params = _random_flax_params(config, seed=5)
     # What save_pretrained writes: config.json + diffusion_pytorch_model.safetensors.
     with open(os.path.join(tmp_path, "config.json"), "w") as f:
-        json.dump(dict(config.to_diffusers(), _class_name="AutoencoderKL"), f)
+        json.dump(dict(vae_config_to_diffusers(config), _class_name="AutoencoderKL"), f)
     safetensors.numpy.save_file(vae_to_torch(params, config),
                                 os.path.join(tmp_path, "diffusion_pytorch_model.safetensors"))
     loaded, info = diffusers.AutoencoderKL.from_pretrained(tmp_path, local_files_only=True, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    assert VAEConfig.from_diffusers(dict(loaded.config)) == config
+    assert vae_config_from_diffusers(dict(loaded.config)) == config
     variables = {"params": params}
     x = _images(name)
     with torch.no_grad():
@@ -276,7 +278,7 @@ def test_legacy_attention_names_are_accepted(tmp_path):
         assert np.array_equal(x, y)
     # diffusers renames them the same way when loading a single-file checkpoint.
     with open(os.path.join(tmp_path, "config.json"), "w") as f:
-        json.dump(dict(config.to_diffusers(), _class_name="AutoencoderKL"), f)
+        json.dump(dict(vae_config_to_diffusers(config), _class_name="AutoencoderKL"), f)
     safetensors.numpy.save_file(legacy, os.path.join(tmp_path, "diffusion_pytorch_model.safetensors"))
     loaded = diffusers.AutoencoderKL.from_pretrained(tmp_path, local_files_only=True)
     assert np.array_equal(loaded.state_dict()["encoder.mid_block.attentions.0.to_out.0.weight"].numpy(),
@@ -313,14 +315,14 @@ def test_conversion_errors_name_the_key():
 def test_config_round_trips_and_refuses_unsupported():
     for name in CONFIGS:
         config = _config(name)
-        assert VAEConfig.from_diffusers(config.to_diffusers(), **FLAX_OPTIONS[name]) == config
-        assert VAEConfig.from_diffusers(dict(_torch_model(name).config), **FLAX_OPTIONS[name]) == config
+        assert vae_config_from_diffusers(vae_config_to_diffusers(config), **FLAX_OPTIONS[name]) == config
+        assert vae_config_from_diffusers(dict(_torch_model(name).config), **FLAX_OPTIONS[name]) == config
     sd15 = STABLE_DIFFUSION_1_5
     assert (sd15.block_out_channels, sd15.layers_per_block, sd15.latent_channels, sd15.norm_num_groups,
             sd15.sample_size, sd15.scaling_factor, sd15.shift_factor) == ((128, 256, 512, 512), 2, 4, 32, 512, 0.18215, None)
     # Absent keys mean diffusers' defaults, not SD's.
-    assert VAEConfig.from_diffusers({}).block_out_channels == diffusers.AutoencoderKL().config.block_out_channels
-    base = _config("two_levels_attn").to_diffusers()
+    assert vae_config_from_diffusers({}).block_out_channels == diffusers.AutoencoderKL().config.block_out_channels
+    base = vae_config_to_diffusers(_config("two_levels_attn"))
     for key, value, pattern in (
         ("act_fn", "gelu", "act_fn"),
         ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"], "down_block_types"),
@@ -329,17 +331,17 @@ def test_config_round_trips_and_refuses_unsupported():
         ("block_out_channels", [8, 18], "not divisible"),
     ):
         with pytest.raises(ValueError, match=pattern):
-            VAEConfig.from_diffusers(dict(base, **{key: value}))
+            vae_config_from_diffusers(dict(base, **{key: value}))
     with pytest.raises(ValueError, match="unknown Flax options"):
-        VAEConfig.from_diffusers(base, attention="flash")
+        vae_config_from_diffusers(base, attention="flash")
     # latents_mean/std (SDXL-style normalisation) round-trip and drive the helpers.
-    cfg = VAEConfig.from_diffusers(dict(base, latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0]))
+    cfg = vae_config_from_diffusers(dict(base, latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0]))
     vae = AutoencoderKL(cfg)
     z = jnp.ones((1, 2, 2, 4))
     np.testing.assert_allclose(vae.scale_latents(z)[0, 0, 0], (1 - np.array([0.1, 0.2, 0.3, 0.4])) * cfg.scaling_factor
                                / np.array([1.0, 2.0, 3.0, 4.0]), rtol=1e-6)
     np.testing.assert_allclose(vae.unscale_latents(vae.scale_latents(z)), z, rtol=1e-6)
-    diffusers.AutoencoderKL(**cfg.to_diffusers())  # accepted by diffusers as is
+    diffusers.AutoencoderKL(**vae_config_to_diffusers(cfg))  # accepted by diffusers as is
 
 
 def test_sd15_parameters_abstractly():
@@ -354,7 +356,7 @@ def test_sd15_parameters_abstractly():
     assert boxed and all(isinstance(b, nn.Partitioned) and len(b.names) == b.value.ndim for b in boxed)
     # Exact diffusers keys and shapes, checked against a meta-device (unallocated) diffusers model.
     with torch.device("meta"):
-        tmodel = diffusers.AutoencoderKL(**config.to_diffusers())
+        tmodel = diffusers.AutoencoderKL(**vae_config_to_diffusers(config))
     assert vae_torch_shapes(config) == {k: tuple(v.shape) for k, v in tmodel.state_dict().items()}
     # Shapes through the full model at SD resolution, abstractly.
     out = jax.eval_shape(
