@@ -70,7 +70,9 @@ def load_layout(path: str, spec: registry.DatasetSpec, size: int) -> np.ndarray:
 def _colours_to_ids(rgb: np.ndarray, spec, path: str) -> np.ndarray:
     palette = spec.palette_array.astype(np.int64)
     keys = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    table = {int((r << 16) | (g << 8) | b): i for i, (r, g, b) in enumerate(palette)}
+    table = {}
+    for i, (r, g, b) in enumerate(palette):  # a colour used twice (ADE20K's road and skyscraper): the lower id wins
+        table.setdefault(int((r << 16) | (g << 8) | b), i)
     table[0] = spec.ignore_id  # black = ignore, as viz.colorize draws it
     ids = np.full(keys.shape, -1, np.int64)
     for key, cid in table.items():

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, Tuple
 import numpy as np
 
 from sdsup.data import scenes
+from sdsup.data.real import classes as _real_classes
+from sdsup.data.real import classfile as _classfile
 from sdsup.errors import SdsupError
 
 
@@ -196,3 +198,64 @@ def data_source(spec: DatasetSpec, builder, split: str):
     if split not in spec.splits:
         raise DatasetError(f"dataset {spec.name} has no split {split!r}; splits: {spec.splits}")
     return builder.as_data_source(split)
+
+
+# ----------------------------------------------------------------------------
+# Real datasets, built from files the user has (sdsup.data.real). Each builds from what data.path
+# names, so `prepare` builds them here (builds_offline); their builders raise a DatasetError naming
+# data.path when it is not set. Captions are real sentences, never flipped (flip_caption=None).
+# ----------------------------------------------------------------------------
+
+
+def _ade20k_builder(data_config):
+    from sdsup.data.real import ade20k  # deferred: tensorflow_datasets is heavy; only building needs it
+
+    return ade20k.make_builder(data_config)
+
+
+def _cityscapes_builder(data_config):
+    from sdsup.data.real import cityscapes  # deferred: tensorflow_datasets is heavy; only building needs it
+
+    return cityscapes.make_builder(data_config)
+
+
+def _coco_stuff_builder(data_config):
+    from sdsup.data.real import coco_stuff  # deferred: tensorflow_datasets is heavy; only building needs it
+
+    return coco_stuff.make_builder(data_config)
+
+
+def _folder_builder(data_config):
+    from sdsup.data.real import folder  # deferred: tensorflow_datasets is heavy; only building needs it
+
+    return folder.make_builder(data_config)
+
+
+def _folder_spec(data_config) -> DatasetSpec:
+    """The `folder` spec with the classes of data.path's class file (ignore id 255, as its records store it)."""
+    path = data_config.get("path") if hasattr(data_config, "get") else None
+    if not path:
+        raise DatasetError("dataset folder is built from your files: set data.path to the folder holding images/, "
+                           "labels/ and classes.txt or classes.json")
+    try:
+        class_file = _classfile.read(os.path.abspath(os.path.expanduser(str(path))))
+    except _classfile.ClassFileError as e:
+        raise DatasetError(str(e)) from None
+    return dataclasses.replace(FOLDER, class_names=class_file.names, palette=class_file.palette, configure=None)
+
+
+def _real_spec(name, class_names, palette, make_builder, **kwargs) -> DatasetSpec:
+    return DatasetSpec(name=name, class_names=tuple(class_names), palette=tuple(tuple(c) for c in palette),
+                       ignore_id=_real_classes.IGNORE_ID, caption_source="field:caption", make_builder=make_builder,
+                       builds_offline=True, default_tokenizer="clip", splits=("train", "validation"),
+                       flip_caption=None, **kwargs)
+
+
+ADE20K = register(_real_spec("ade20k", _real_classes.ADE20K_CLASSES, _real_classes.ADE20K_PALETTE,
+                             _ade20k_builder))
+CITYSCAPES = register(_real_spec("cityscapes", _real_classes.CITYSCAPES_CLASSES, _real_classes.CITYSCAPES_PALETTE,
+                                 _cityscapes_builder))
+COCO_STUFF = register(_real_spec("coco_stuff", _real_classes.COCO_STUFF_CLASSES, _real_classes.COCO_STUFF_PALETTE,
+                                 _coco_stuff_builder, class_phrases=_real_classes.COCO_STUFF_PHRASES))
+# No classes until configured: `for_config` returns the spec of data.path's class file.
+FOLDER = register(_real_spec("folder", (), (), _folder_builder, configure=_folder_spec))
