@@ -19,6 +19,7 @@ A converter describes a model by the flat shapes of its Flax parameters
 `params_to_torch`, which check every key and shape.
 """
 
+import dataclasses
 import re
 from typing import Any, Callable, Collection, Dict, Mapping, Optional, Tuple
 
@@ -34,6 +35,18 @@ class ConversionError(ValueError):
 
 # ---------------------------------------------------------------------------
 # Nested dicts.
+
+
+# Config fields that only steer the Flax computation (compute dtype, rematerialisation, attention kernel):
+# PyTorch configs have no such fields.
+FLAX_OPTIONS = ("dtype", "param_dtype", "remat", "attention_impl")
+
+
+def pytorch_config_fields(config: Any) -> Dict[str, Any]:
+    """A config dataclass's fields as a PyTorch config dict: Flax-only options left out, tuples as lists."""
+    return {f.name: list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(config) if f.name not in FLAX_OPTIONS
+            for v in (getattr(config, f.name),)}
 
 
 def flatten(tree: Mapping[str, Any]) -> Dict[Path, Any]:

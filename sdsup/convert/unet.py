@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup.convert.torch_layout import Path, params_from_torch, params_to_torch, shapes_of
+from sdsup.convert.torch_layout import (FLAX_OPTIONS, Path, params_from_torch, params_to_torch, pytorch_config_fields,
+                                        shapes_of)
 from sdsup.models.unet import UNet2DConditionModel, UNetConfig
 
 # diffusers ModuleLists (and Sequentials) in the UNet: `resnets.1` <-> `resnets_1`.
@@ -18,7 +19,6 @@ UNET_SEQUENCE_NAMES = frozenset(
 )
 
 # UNetConfig fields diffusers has no key for: set by the caller, never read from a diffusers config.
-FLAX_OPTIONS = ("dtype", "param_dtype", "remat", "attention_impl")
 
 # diffusers config keys the sdsup UNet does not implement, with the only value
 # it accepts for each (the diffusers default). Anything else is refused
@@ -88,13 +88,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any], **flax_options) -> UNe
 
 def unet_config_to_diffusers(config: UNetConfig) -> Dict[str, Any]:
     """Config dict that diffusers' UNet2DConditionModel(**cfg) accepts."""
-    out = {}
-    for f in dataclasses.fields(config):
-        if f.name in FLAX_OPTIONS:
-            continue
-        value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+    return pytorch_config_fields(config)
 
 
 @functools.lru_cache(maxsize=16)

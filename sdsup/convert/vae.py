@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdsup.convert.torch_layout import (
+    FLAX_OPTIONS,
     ConversionError,
     Path,
     params_from_torch,
     params_to_torch,
+    pytorch_config_fields,
     shapes_of,
     torch_key,
     torch_shape,
@@ -37,7 +39,6 @@ VAE_SEQUENCE_NAMES = frozenset(
 DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
 UP_BLOCK_TYPE = "UpDecoderBlock2D"
 # VAEConfig fields diffusers has no key for: set by the caller, never read from a diffusers config.
-FLAX_OPTIONS = ("dtype", "param_dtype", "remat", "attention_impl")
 # diffusers AutoencoderKL config keys that are not fields of VAEConfig, with
 # the only value accepted (the diffusers default). Block types are checked
 # separately (they must be one type per entry of block_out_channels).
@@ -103,11 +104,7 @@ def vae_config_to_diffusers(config: VAEConfig) -> Dict[str, Any]:
         "up_block_types": [UP_BLOCK_TYPE] * config.num_levels,
         "act_fn": "silu",
     }
-    for f in dataclasses.fields(config):
-        if f.name in FLAX_OPTIONS:
-            continue
-        value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
+    out.update(pytorch_config_fields(config))
     return out
 
 
