@@ -519,3 +519,25 @@ def test_coco_stuff_without_caption_annotations(tmp_path):
     write_tree(tmp_path / "coco", {"annotations/instances_train2017.json": b"{}"})
     with pytest.raises(registry.DatasetError, match=r"has no annotations/captions_train2017\.json"):
         build(config("coco_stuff", tmp_path / "coco", tmp_path / "tfds"))
+
+
+def test_the_data_stage_builds_a_folder_dataset_with_preview_and_stats(tmp_path):
+    """`--config.data.name=folder --config.data.path=DIR` is all it takes; its classes reach the stats."""
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "mine")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "sdsup.train", "--config=configs/scenes.py:smoke", f"--workdir={tmp_path / 'wd'}",
+         "--only=data", "--config.data.name=folder", f"--config.data.path={tmp_path / 'mine'}",
+         f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.missing_captions=empty",
+         "--config.data.image_size=16", "--config.data.validation_fraction=0.4"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads((tmp_path / "wd" / "data" / "stats.json").read_text())
+    assert set(stats["splits"]) == {"train", "validation"}
+    assert set(stats["splits"]["train"]["class_pixel_fraction"]) == {"sky", "tree", "road"}
+    assert (tmp_path / "wd" / "data" / "preview.png").stat().st_size > 100

@@ -24,7 +24,7 @@ def split_stats(spec, source) -> dict:
     lengths, extra = [], {}
     for i in range(n):
         record = source[i]
-        counts += np.bincount(record["label"].ravel(), minlength=256)
+        counts += np.bincount(pipeline.decode_label(record["label"]).ravel(), minlength=256)
         lengths.append(len(pipeline.text(record[spec.caption_field]).split()))
         if spec.record_stats is not None:
             for key, value in spec.record_stats(record).items():
@@ -54,7 +54,8 @@ def run(ctx: common.Context) -> dict:
         rows = []
         for i in range(min(ctx.config.preview_examples, len(source))):
             r = source[i]
-            rows.append({"caption": pipeline.text(r[spec.caption_field]), "panels": [r["image"], r["label"]]})
+            image, label = ctx.dataset.geometry.apply(r["image"], r["label"], None)  # real files: decoded, cropped
+            rows.append({"caption": pipeline.text(r[spec.caption_field]), "panels": [image, label]})
         grid = viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id,
                                   scale=max(1, 128 // ctx.config.data.image_size))
         viz.save_png(grid, os.path.join(out, "preview.png"))
