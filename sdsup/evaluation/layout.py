@@ -127,7 +127,8 @@ def _train_reference(dataset: Dataset, limit: int):
     n = min(limit, len(source))
     records = [source[i] for i in range(n)]
     captions = [pipeline.text(r[dataset.spec.caption_field]) for r in records]
-    labels = np.stack([np.asarray(r["label"]) for r in records])
+    # As the evaluation sees them: real datasets' files decoded and cropped (the scenes' arrays as they are).
+    labels = np.stack([dataset.geometry.apply(r["image"], r["label"], None)[1] for r in records])
     return captions, labels
 
 
@@ -155,7 +156,8 @@ def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings:
     per_class = {}
     examples_for_report = None
 
-    for split, suffix in SPLITS:
+    splits = [(split, suffix) for split, suffix in SPLITS if split in spec.splits]
+    for split, suffix in splits:
         source = dataset.source(split)
         methods = ["map", "majority", "retrieval", "oracle"] + [f"sample{s}" for s in range(seeds)]
         conf = {m: np.zeros((n, n), np.int64) for m in methods}
@@ -181,7 +183,7 @@ def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings:
                     for m, p in preds.items():
                         rel_hits[m] += sum(relation_holds(p[j], spec.class_names.index(a), r,
                                                           spec.class_names.index(b)) for a, r, b in rels)
-            if split == "test" and examples_for_report is None:
+            if split == splits[0][0] and examples_for_report is None:  # the report's split: test where there is one
                 examples_for_report = (batch, preds)
         sample_mious = [_miou(conf[f"sample{s}"]) for s in range(seeds)]
         metrics.update({
@@ -234,8 +236,9 @@ def _write(workdir: Workdir, dataset: Dataset, settings: pipelines.Settings, met
                      os.path.join(out, "report_novel.png"))
 
     per_class_metrics = {}
+    first = next(iter(per_class))  # test where the dataset has one
     for method, key in (("map", "map"), ("sample0", "sample"), ("retrieval", "retrieval")):
         for c, name in enumerate(spec.class_names):
-            per_class_metrics[f"layout/iou_{key}/{name}"] = float(per_class["test"][method][c])
+            per_class_metrics[f"layout/iou_{key}/{name}"] = float(per_class[first][method][c])
     report.merge_metrics(workdir.path, dict(metrics, **per_class_metrics))
     report.write_report(workdir.path)
