@@ -17,11 +17,11 @@ jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-# The two slowest files run first, one on each pytest-xdist worker (`-n 2 --dist loadfile
+# The slowest files run first, the two slowest one on each pytest-xdist worker (`-n 2 --dist loadfile
 # --no-loadscope-reorder`, the README's command); the other files then fill in around them, so
 # the suite's wall time comes close to half its total work (measured: smoke pipeline ~13 min,
 # control step ~10 min of a ~33-minute total).
-SLOWEST_FIRST = ("test_smoke_pipeline.py", "test_control_step.py")
+SLOWEST_FIRST = ("test_smoke_pipeline.py", "test_control_step.py", "test_folder_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):
