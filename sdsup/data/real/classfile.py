@@ -85,12 +85,17 @@ def read(root: str) -> ClassFile:
     return ClassFile(path, tuple(names), palette, ignore_id, digest)
 
 
+def listed_lines(text: str):
+    """(line number, entry) of a one-entry-per-line file: entries stripped, blank lines and `#` comments skipped."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            yield number, entry
+
+
 def _parse_txt(path: str, text: str):
     names, first_line = [], {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        name = line.strip()
-        if not name or name.startswith("#"):
-            continue
+    for number, name in listed_lines(text):
         if name in first_line:
             raise ClassFileError(f"class file {path}, line {number}: class {name!r} is already on line "
                                f"{first_line[name]}")

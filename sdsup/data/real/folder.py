@@ -100,15 +100,13 @@ def _read_split_lists(root: str, stems: Sequence[str]) -> Dict[str, List[str]]:
         path = os.path.join(root, "splits", f"{split}.txt")
         listed = []
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                stem = line.strip()
-                if not stem or stem.startswith("#"):
-                    continue
-                if stem in seen:
-                    raise DatasetError(f"dataset {NAME}: {path}, line {number}: {stem!r} is already listed "
-                                       f"({seen[stem]})")
-                seen[stem] = f"{os.path.basename(path)} line {number}"
-                listed.append(stem)
+            text = f.read()
+        for number, stem in classfile.listed_lines(text):
+            if stem in seen:
+                raise DatasetError(f"dataset {NAME}: {path}, line {number}: {stem!r} is already listed "
+                                   f"({seen[stem]})")
+            seen[stem] = f"{os.path.basename(path)} line {number}"
+            listed.append(stem)
         unknown = [s for s in listed if s not in known]
         if unknown:
             raise DatasetError(f"dataset {NAME}: {len(unknown)} stems in {path} have no image and label map "
