@@ -8,7 +8,9 @@ Each `bench/bench_<topic>.py` module defines `BENCHMARKS`, a dict from name to
 a function that returns one result dict with at least `name`, `value` and
 `unit`, and where it has one a `baseline` measured *in the same run* (this
 machine is noisy, so no number is compared with one taken earlier) and
-`ratio` = value / baseline. Extra keys (goal, notes, machine) are welcome.
+`ratio` = value / baseline. Extra keys (goal, notes) are welcome; every line gets the
+machine (CPU model and its AVX-512/AMX extensions) and this machine's float32
+matmul peak, measured at the start of the run.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import traceback
 
@@ -37,8 +40,49 @@ def _load_benchmarks():
     return benchmarks
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the matmul extensions that change its speed (machines differ between runs)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    extensions = [e for e, flag in (("avx512", "avx512f"), ("amx", "amx_tile")) if flag in flags]
+    return name + (f" ({', '.join(extensions)})" if extensions else "")
+
+
+# Timed in a child process: jax must not start its threads in this one before a benchmark configures malloc.
+PEAK_PROGRAM = """
+import time, jax, jax.numpy as jnp
+n = 2048
+a = jnp.ones((n, n), jnp.float32)
+f = jax.jit(lambda x: x @ x)
+f(a).block_until_ready()
+best = float("inf")
+for _ in range(5):
+    t0 = time.perf_counter(); f(a).block_until_ready(); best = min(best, time.perf_counter() - t0)
+print(2 * n ** 3 / best / 1e9)
+"""
+
+
+def matmul_peak_gflops():
+    """This machine's float32 matmul peak through XLA (best of 5 2048x2048 products), or None."""
+    try:
+        out = subprocess.run([sys.executable, "-c", PEAK_PROGRAM], capture_output=True, text=True, timeout=300)
+        return round(float(out.stdout.strip().splitlines()[-1]), 1)
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.python_version()}"
 
 
 def main(argv=None) -> int:
@@ -57,6 +101,7 @@ def main(argv=None) -> int:
         print(f"error: unknown benchmark(s) {unknown}; known: {sorted(benchmarks)}", file=sys.stderr)
         return 2
     failed = 0
+    peak = matmul_peak_gflops()
     for name in names:
         try:
             result = benchmarks[name]()
@@ -66,6 +111,7 @@ def main(argv=None) -> int:
             failed += 1
         result.setdefault("name", name)
         result.setdefault("machine", machine())
+        result.setdefault("matmul_peak_gflops", peak)
         print(json.dumps(result), flush=True)
     return 1 if failed else 0
 

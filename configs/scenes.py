@@ -81,6 +81,9 @@ def get_config(arg: str = ""):
   c.input.batch_size = 32  # global, over all processes
   c.input.flip = True
   c.input.num_threads = 2
+  # Worker processes that decode and resize (real datasets' JPEGs); 0: threads of the trainer process, enough for
+  # the scenes' ready-made arrays.
+  c.input.num_workers = 0
   c.input.prefetch = 4
   c.input.device_prefetch = 2
 
@@ -284,6 +287,8 @@ def get_config(arg: str = ""):
   # evaluation segmenter's features instead (no pretrained Inception is shipped).
   c.evaluate.inception_dir = config_dict.placeholder(str)
   c.evaluate.variants = ()  # () = every variant the finished stages allow
+  # Whole resized frames (data.resize) instead of centred image_size crops: ALDM's Cityscapes protocol (512x1024).
+  c.evaluate.full_frame = False
 
   c.fast_compile = False  # faster XLA compiles, slower steps
   # Persistent XLA compilation cache; None means ~/.cache/sdsup/jax.

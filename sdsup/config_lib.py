@@ -77,6 +77,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "missing_captions" in config.data:
         _require(config.data.missing_captions in ("error", "empty"), "data.missing_captions",
                  "must be 'error' or 'empty'", config.data.missing_captions)
+    workers = config.input.get("num_workers", 0)
+    _require(isinstance(workers, int) and workers >= 0, "input.num_workers", "must be an integer >= 0", workers)
     for key in ("data.num_train", "data.num_validation", "data.num_test", "input.batch_size",
                 "input.num_threads", "input.prefetch", "input.device_prefetch", "text.max_length"):
         _positive_int(config, key)

@@ -148,3 +148,10 @@ class DevicePrefetch:
     def get_state(self) -> dict:
         """The underlying iterator's state after the last batch returned."""
         return self._state
+
+    def close(self) -> None:
+        """Stops the underlying iterator's worker processes, if it has any (grain's `mp_prefetch`)."""
+        self._queue.clear()
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()

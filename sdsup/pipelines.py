@@ -152,24 +152,34 @@ def _jit(fn, settings: Settings):
 
 
 # ---------------------------------------------------------------------------------------- images
-def text_to_image(models: ImageModels, tokens, rng, settings: Settings) -> np.ndarray:
-    """Tokens [B, L] -> uint8 images [B, H, W, 3], text only (any conditioner is not used)."""
-    return _images(models, tokens, rng, settings, None)
+def text_to_image(models: ImageModels, tokens, rng, settings: Settings,
+                  size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Tokens [B, L] -> uint8 images [B, H, W, 3], text only (any conditioner is not used).
+
+    (H, W) = `size`, default the square of `settings.image_size`; the networks are convolutional, so a
+    model trained on square crops also makes whole frames (Cityscapes' 512x1024).
+    """
+    return _images(models, tokens, rng, settings, None, size)
 
 
 def layout_to_image(models: ImageModels, tokens, labels, rng, settings: Settings) -> np.ndarray:
-    """Tokens [B, L] + class maps [B, H, W] -> uint8 images, through the conditioner."""
+    """Tokens [B, L] + class maps [B, H, W] -> uint8 images [B, H, W, 3], through the conditioner."""
     if not models.has_conditioner:
         raise ValueError("layout_to_image needs models with a conditioner (stage control)")
     cn_config, _ = models.controlnet
     hint = settings.layout_encoding.hint(labels, cn_config, models.class_table)
-    return _images(models, tokens, rng, settings, hint)
+    return _images(models, tokens, rng, settings, hint, tuple(np.shape(labels)[1:3]))
 
 
-def _images(models: ImageModels, tokens, rng, settings: Settings, hint) -> np.ndarray:
+def _images(models: ImageModels, tokens, rng, settings: Settings, hint, size) -> np.ndarray:
+    size = (settings.image_size, settings.image_size) if size is None else (int(size[0]), int(size[1]))
+    factor = models.vae[0].downsample_factor
+    if size[0] % factor or size[1] % factor:
+        raise ValueError(f"images of {size[0]}x{size[1]} pixels: both sides must be multiples of the VAE's "
+                         f"downsampling factor {factor}")
     cn_config = models.controlnet[0] if hint is not None else None
     unet = models.conditioned_unet if hint is not None and models.conditioned_unet is not None else models.unet
-    sampler = _image_sampler(unet[0], models.text_encoder[0], models.vae[0], cn_config, settings)
+    sampler = _image_sampler(unet[0], models.text_encoder[0], models.vae[0], cn_config, settings, size)
     tokens = jnp.asarray(tokens)
     empty = jnp.broadcast_to(jnp.asarray(settings.prompting.empty), tokens.shape)
     params = {"unet": unet[1], "text_encoder": models.text_encoder[1]}
@@ -178,13 +188,14 @@ def _images(models: ImageModels, tokens, rng, settings: Settings, hint) -> np.nd
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _image_sampler(unet_config, text_config, vae_config, cn_config, settings: Settings):
-    """The jitted sampler `(params, vae_params, tokens, empty, rng, controlnet_params, hint) -> uint8 images`."""
+def _image_sampler(unet_config, text_config, vae_config, cn_config, settings: Settings, size: Tuple[int, int]):
+    """The jitted sampler `(params, vae_params, tokens, empty, rng, controlnet_params, hint) -> uint8 images`
+    of `size` (H, W) pixels."""
     unet, text_model = UNet2DConditionModel(unet_config), CLIPTextTransformer(text_config)
     vae = AutoencoderKL(vae_config)
     controlnet = ControlNetModel(cn_config) if cn_config is not None else None
     pad = settings.prompting.pad_id
-    latent = settings.image_size // vae_config.downsample_factor
+    latent = (size[0] // vae_config.downsample_factor, size[1] // vae_config.downsample_factor)
     schedule = settings.schedule
 
     def run(params, vae_params, tokens, empty, rng, controlnet_params, hint):
@@ -200,7 +211,7 @@ def _image_sampler(unet_config, text_config, vae_config, cn_config, settings: Se
             return unet.apply({"params": params["unet"]}, z, t, context, **extra)
 
         denoise = samplers.classifier_free_guidance(model_fn, settings.guidance, cond, uncond, hint)
-        z = jax.random.normal(rng, (tokens.shape[0], latent, latent, vae_config.latent_channels))
+        z = jax.random.normal(rng, (tokens.shape[0], *latent, vae_config.latent_channels))
         if settings.solver == "dpm_solver_pp_2m":
             z = samplers.dpm_solver_pp_2m_sample(denoise, schedule, z, settings.steps)
         else:

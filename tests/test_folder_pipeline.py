@@ -1,8 +1,10 @@
 """The user's own labelled folder through the whole smoke pipeline: `--config.data.name=folder --config.data.path=DIR`.
 
 The folder is written here in the documented layout (images/, labels/, classes.txt, a captions JSON):
-32x32 pictures of a sky, a ground and a box on the left or right. Every stage runs on it, with the
-folder's 3 classes reaching the models, the evaluation and the sampler.
+32x64 pictures of a sky, a ground and a box on the left or right. Every stage runs on it, with the
+folder's 3 classes reaching the models, the evaluation and the sampler. Like Cityscapes in ALDM's
+protocol, training takes random 32x32 crops and the evaluation whole 32x64 frames
+(`evaluate.full_frame`).
 """
 
 import json
@@ -10,9 +12,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
+
+from sdsup import inference, pipelines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("sky", "grass", "box")
@@ -25,14 +30,14 @@ def _write_folder(root, n=48, size=32):
     os.makedirs(os.path.join(root, "labels"))
     captions = {}
     for i in range(n):
-        ids = np.zeros((size, size), np.uint8)
+        ids = np.zeros((size, 2 * size), np.uint8)
         horizon = int(rng.integers(12, 20))
         ids[horizon:] = 1
         left = bool(i % 2)
-        x0 = 4 if left else size - 14
+        x0 = 4 if left else 2 * size - 14
         ids[horizon - 6:horizon + 4, x0:x0 + 10] = 2
         ids[0, 0] = 255  # an ignored pixel, as real label maps have
-        image = COLOURS[np.minimum(ids, 2)] + rng.integers(0, 20, (size, size, 3)).astype(np.uint8)
+        image = COLOURS[np.minimum(ids, 2)] + rng.integers(0, 20, (*ids.shape, 3)).astype(np.uint8)
         stem = f"img_{i:03d}"
         Image.fromarray(image).save(os.path.join(root, "images", stem + (".png" if i % 3 else ".jpg")))
         Image.fromarray(ids).save(os.path.join(root, "labels", stem + ".png"))
@@ -58,7 +63,8 @@ def workdir(tmp_path_factory):
     result = _run("sdsup.train", "--config=configs/scenes.py:smoke", f"--workdir={wd}", "--config.data.name=folder",
                   f"--config.data.path={root / 'mine'}", f"--config.data.captions={root / 'mine' / 'captions.json'}",
                   f"--config.data.data_dir={root / 'tfds'}", "--config.data.validation_fraction=0.25",
-                  "--config.evaluate.split=validation", "--config.layout.eval_examples=8")
+                  "--config.evaluate.split=validation", "--config.layout.eval_examples=8",
+                  "--config.data.resize=(32, 64)", "--config.evaluate.full_frame=True")
     assert result.returncode == 0, result.stderr[-4000:]
     return wd
 
@@ -73,6 +79,21 @@ def test_every_stage_trains_on_the_folder(workdir):
     assert 0.0 <= metrics["layout/miou_map/val"] <= 1.0 and 0.0 <= metrics["images/control/image_miou"] <= 1.0
     assert (workdir / "control" / "class_table.npy").exists()
     assert np.load(workdir / "control" / "class_table.npy").shape[0] == len(CLASSES)
+
+
+def test_models_trained_on_square_crops_make_whole_frames(workdir):
+    """What the full-frame evaluation relies on: the image generators sample any frame the VAE can tile."""
+    session = inference.Session.from_workdir(str(workdir))
+    settings = session.settings.with_overrides(steps=2)
+    tokens = session.tokens("sky over grass. a box on the left.", 2)
+    labels = np.zeros((2, 32, 64), np.uint8)
+    labels[:, 16:] = 1
+    frames = pipelines.layout_to_image(session.image_models(), tokens, labels, jax.random.PRNGKey(0), settings)
+    assert frames.shape == (2, 32, 64, 3) and frames.dtype == np.uint8
+    text_only = pipelines.text_to_image(session.image_models(), tokens, jax.random.PRNGKey(0), settings, size=(32, 64))
+    assert text_only.shape == (2, 32, 64, 3)
+    with pytest.raises(ValueError, match="multiples of the VAE's downsampling factor"):
+        pipelines.text_to_image(session.image_models(), tokens, jax.random.PRNGKey(0), settings, size=(32, 63))
 
 
 def test_sampling_a_folder_workdir_uses_its_classes(workdir, tmp_path):

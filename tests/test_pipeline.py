@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 
 from sdsup import parallel
 from sdsup.data import pipeline, registry, scenes, tokenizers
+from sdsup.evaluation.images import stretch_labels
 
 NUM_TRAIN = 96
 
@@ -95,6 +96,27 @@ def test_iterator_state_resumes_at_the_same_example(dataset, tok, num_threads):
     resumed = iter(_train(dataset[1], tok, num_threads=num_threads))
     resumed.set_state(state)
     for a, b in zip(expected, (next(resumed) for _ in range(15))):
+        for key in ("image", "label", "tokens"):
+            assert np.array_equal(a[key], b[key])
+
+
+def test_worker_processes_give_the_same_stream_and_resume_exactly(dataset, tok):
+    """grain worker processes (`input.num_workers`) change where batches are made, not which batches."""
+    threads = iter(_train(dataset[1], tok))
+    expected = [next(threads) for _ in range(9)]
+    workers = iter(_train(dataset[1], tok, num_workers=2))
+    try:
+        first = [next(workers) for _ in range(4)]
+        state = json.loads(json.dumps(workers.get_state()))
+    finally:
+        workers.close()
+    resumed = iter(_train(dataset[1], tok, num_workers=2))
+    try:
+        resumed.set_state(state)
+        rest = [next(resumed) for _ in range(5)]
+    finally:
+        resumed.close()
+    for a, b in zip(expected, first + rest):
         for key in ("image", "label", "tokens"):
             assert np.array_equal(a[key], b[key])
 
@@ -218,6 +240,13 @@ def test_real_records_are_decoded_resized_and_cropped_at_read_time():
              for s in range(200)}
     assert {(0,), (3,)} <= crops  # random crops reach both halves
 
+    whole, whole_lab = wide.apply(record_image, record_label, None, crop=False)  # full-frame evaluation
+    assert whole.shape == (8, 16, 3) and np.array_equal(whole_lab[:, :8], np.zeros((8, 8))) and (whole_lab[:, 8:] == 3).all()
+    source = [{"image": record_image, "label": record_label, "caption": b"sky.", "index": 0}]
+    framed = next(pipeline.eval_batches(source, tokenizer=tokenizers.WordTokenizer.scenes(8), global_batch_size=1,
+                                        geometry=wide, full_frame=True))
+    assert framed["image"].shape == (1, 8, 16, 3) and framed["label"].shape == (1, 8, 16)
+
     keep = pipeline.Geometry(10, mode="keep_aspect")
     img, lab = keep.apply(record_image, record_label, None)  # 20x40 -> 10x20, centre 10x10
     assert img.shape == (10, 10, 3) and set(np.unique(lab)) == {0, 3}
@@ -242,3 +271,10 @@ def test_one_of_several_captions_is_drawn_per_example_and_epoch(tok):
     assert drawn == [train.random_map(record, np.random.default_rng(s))["caption"] for s in range(30)]
     evaluation = pipeline.Preprocess(tok, flip=False, keep_metadata=True, geometry=pipeline.Geometry(8), train=False)
     assert evaluation.random_map(record, None)["caption"] == "sky over grass."
+
+
+def test_a_square_layout_is_stretched_onto_a_whole_frame():
+    square = np.array([[[0, 1], [2, 3]]])
+    np.testing.assert_array_equal(stretch_labels(square, (2, 4)), [[[0, 0, 1, 1], [2, 2, 3, 3]]])
+    np.testing.assert_array_equal(stretch_labels(square, (4, 2)), [[[0, 1], [0, 1], [2, 3], [2, 3]]])
+    assert stretch_labels(square, (2, 2)) is square

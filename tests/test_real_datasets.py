@@ -539,5 +539,7 @@ def test_the_data_stage_builds_a_folder_dataset_with_preview_and_stats(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     stats = json.loads((tmp_path / "wd" / "data" / "stats.json").read_text())
     assert set(stats["splits"]) == {"train", "validation"}
-    assert set(stats["splits"]["train"]["class_pixel_fraction"]) == {"sky", "tree", "road"}
+    train = stats["splits"]["train"]
+    assert set(train["class_pixel_fraction"]) == {"sky", "tree", "road"}
+    assert train["images_per_class"] == {c: train["examples_in_stats"] for c in ("sky", "tree", "road")}  # all in every map
     assert (tmp_path / "wd" / "data" / "preview.png").stat().st_size > 100

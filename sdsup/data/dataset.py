@@ -43,21 +43,25 @@ class Dataset:
         """Random-access source of decoded records of a split."""
         return registry.data_source(self.spec, self.builder, split)
 
-    def eval_batches(self, split: str, batch_size: int, limit: Optional[int] = None) -> Iterator[dict]:
-        """One ordered pass over (the first `limit` examples of) a split, unaugmented, with captions and a mask.
+    def eval_batches(self, split: str, batch_size: int, limit: Optional[int] = None,
+                     full_frame: bool = False) -> Iterator[dict]:
+        """One ordered pass over (the first `limit` examples of) a split, unaugmented, with captions and a mask;
+        centred image_size crops, or with `full_frame` the whole resized frames (`data.resize`).
 
         Whole batches in every process: evaluations run host-local (see `pipeline.eval_batches`).
         """
         return pipeline.eval_batches(self.source(split), tokenizer=self.tokenizer, global_batch_size=batch_size,
-                                     caption_field=self.spec.caption_field, limit=limit, geometry=self.geometry)
+                                     caption_field=self.spec.caption_field, limit=limit, geometry=self.geometry,
+                                     full_frame=full_frame)
 
-    def train_dataset(self, *, global_batch_size: int, seed: int, flip: bool, num_threads: int, prefetch: int):
+    def train_dataset(self, *, global_batch_size: int, seed: int, flip: bool, num_threads: int, prefetch: int,
+                      num_workers: int = 0):
         """This process's endless stream of augmented training batches (a resumable grain iterator)."""
         return pipeline.train_dataset(
             self.source("train"), tokenizer=self.tokenizer, global_batch_size=global_batch_size, seed=seed,
             process_index=jax.process_index(), process_count=jax.process_count(), flip=flip,
             caption_field=self.spec.caption_field, num_threads=num_threads, prefetch=prefetch,
-            flip_caption=self.spec.flip_caption, geometry=self.geometry)
+            flip_caption=self.spec.flip_caption, geometry=self.geometry, num_workers=num_workers)
 
 
 def text_tokenizer(config):

@@ -19,6 +19,7 @@ import json
 from typing import Any, Callable, Optional, Tuple
 
 import grain
+from absl import flags
 import numpy as np
 from PIL import Image
 
@@ -42,7 +43,8 @@ class Geometry:
     not kept (ALDM's ADE20K and COCO-Stuff: 512x512; Cityscapes: 512x1024,
     then cropped); "keep_aspect" scales the shorter side to min(resize) and
     keeps the aspect. A random size x size crop follows in training, a centred
-    one in evaluation. Images resize with Lanczos (as ALDM), label maps with
+    one in evaluation, or none (`crop=False`: ALDM evaluates Cityscapes on the
+    whole 512x1024 frame). Images resize with Lanczos (as ALDM), label maps with
     nearest neighbour. Records already `size` x `size` arrays (the scenes)
     pass unchanged.
     """
@@ -62,8 +64,10 @@ class Geometry:
     def target(self) -> Tuple[int, int]:
         return (int(self.resize[0]), int(self.resize[1])) if self.resize else (self.size, self.size)
 
-    def apply(self, image, label, rng: Optional[np.random.Generator]) -> Tuple[np.ndarray, np.ndarray]:
-        """(uint8 [size, size, 3], uint8 [size, size]); a random crop with `rng`, centred without."""
+    def apply(self, image, label, rng: Optional[np.random.Generator],
+              crop: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """(uint8 [size, size, 3], uint8 [size, size]); a random crop with `rng`, centred without; with
+        `crop=False` the whole resized frame (uint8 [H, W, 3], [H, W])."""
         image, label = decode_image(image), decode_label(label)
         if image.shape[:2] == (self.size, self.size) and label.shape == (self.size, self.size):
             return image, label
@@ -73,6 +77,8 @@ class Geometry:
         if (h, w) != image.shape[:2]:
             image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.LANCZOS))
             label = np.asarray(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
+        if not crop:
+            return image, label
         top, left = ((int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1))) if rng is not None
                      else ((h - self.size) // 2, (w - self.size) // 2))
         return image[top:top + self.size, left:left + self.size], label[top:top + self.size, left:left + self.size]
@@ -130,12 +136,13 @@ class Preprocess(grain.transforms.RandomMap):
     flip_caption: Optional[Callable[[str], str]] = None
     geometry: Optional[Geometry] = None  # None: records hold the final arrays (the scenes)
     train: bool = True  # random crops and caption draws; evaluation takes centred crops and first captions
+    full_frame: bool = False  # evaluation only: the whole resized frame, no crop
 
     def random_map(self, record: dict, rng: Optional[np.random.Generator]) -> dict:
         draw = rng if self.train else None
         image, label = record["image"], record["label"]
         if self.geometry is not None:
-            image, label = self.geometry.apply(image, label, draw)
+            image, label = self.geometry.apply(image, label, draw, crop=self.train or not self.full_frame)
         caption = pick_caption(record, self.caption_field, draw)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
@@ -166,8 +173,14 @@ def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
                   caption_field: str = "caption", num_epochs: Optional[int] = None,
                   num_threads: int = 2, prefetch: int = 4, keep_metadata: bool = False,
                   flip_caption: Optional[Callable[[str], str]] = None,
-                  geometry: Optional[Geometry] = None) -> grain.IterDataset:
-    """An endless (or `num_epochs`) stream of this process's batches."""
+                  geometry: Optional[Geometry] = None, num_workers: int = 0) -> grain.IterDataset:
+    """An endless (or `num_epochs`) stream of this process's batches.
+
+    `num_workers` > 0 decodes and resizes in that many grain worker processes,
+    each making whole batches (batch k comes from worker k mod num_workers),
+    so the stream and its resumable state are the same as with threads alone;
+    close the iterator (`it.close()`) to stop them.
+    """
     local_batch = _check_batch(global_batch_size, process_count)
     if len(source) < process_count:
         raise ValueError(f"{len(source)} examples cannot be split over {process_count} processes")
@@ -177,13 +190,19 @@ def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
     ds = ds.random_map(Preprocess(tokenizer, caption_field, flip=flip, keep_metadata=keep_metadata,
                                   flip_caption=flip_caption, geometry=geometry))
     ds = ds.batch(local_batch, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers; a library caller
+            flags.FLAGS.mark_as_parsed()  # (tests, notebooks) has not parsed any: take the defaults
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
+    return ds
 
 
 def eval_batches(source, *, tokenizer, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1, caption_field: str = "caption", limit: Optional[int] = None,
-                 geometry: Optional[Geometry] = None):
-    """One pass over (the first `limit` examples of) a split, in order, no augmentation.
+                 geometry: Optional[Geometry] = None, full_frame: bool = False):
+    """One pass over (the first `limit` examples of) a split, in order, no augmentation; centred crops, or
+    with `full_frame` the whole resized frames.
 
     Every process yields the same number of equally sized batches, as a global
     array needs; padding examples repeat the last real one and have
@@ -193,7 +212,8 @@ def eval_batches(source, *, tokenizer, global_batch_size: int, process_index: in
     n = len(source) if limit is None else min(limit, len(source))
     per_process = -(-n // process_count)
     num_batches = -(-per_process // local_batch)
-    pre = Preprocess(tokenizer, caption_field, flip=False, keep_metadata=True, geometry=geometry, train=False)
+    pre = Preprocess(tokenizer, caption_field, flip=False, keep_metadata=True, geometry=geometry, train=False,
+                     full_frame=full_frame)
     indices = np.arange(process_index, n, process_count)
     for b in range(num_batches):
         chunk = indices[b * local_batch:(b + 1) * local_batch]

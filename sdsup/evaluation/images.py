@@ -27,6 +27,12 @@ variant generates one image from the caption with a fixed seed. Then:
                 Inception-based FID of real datasets);
   clip_score    only with a local CLIP model (`evaluate.clip_dir`).
 
+With `full_frame` (`evaluate.full_frame`) every example is evaluated on its
+whole resized frame instead of the centred `data.image_size` crop: ALDM's
+Cityscapes protocol (512x1024). The image generators sample that frame
+directly (they are convolutional); a text -> layout map, square, is
+stretched to it (nearest neighbour).
+
 Everything runs host-local with jitted functions cached per process (the
 samplers in `sdsup.pipelines`, the segmenter's here), so evaluating several
 variants compiles each piece once.
@@ -106,7 +112,7 @@ def _segmenter_fns(config, compiler_options: tuple):
 
 
 def real_miou(dataset: Dataset, predict, split: str, num_examples: Optional[int] = None,
-              batch_size: int = EVAL_BATCH) -> dict:
+              batch_size: int = EVAL_BATCH, full_frame: bool = False) -> dict:
     """{"miou", "per_class_iou"} of `predict(uint8 images) -> class ids` on a split's REAL images.
 
     Over the dataset's classes: the ceiling of image mIoU for the evaluation
@@ -115,7 +121,7 @@ def real_miou(dataset: Dataset, predict, split: str, num_examples: Optional[int]
     """
     spec = dataset.spec
     confusion = np.zeros((spec.num_classes, spec.num_classes), np.int64)
-    for batch in dataset.eval_batches(split, batch_size, limit=num_examples):
+    for batch in dataset.eval_batches(split, batch_size, limit=num_examples, full_frame=full_frame):
         confusion += segmentation.confusion_matrix(np.asarray(predict(batch["image"])), batch["label"],
                                                    spec.num_classes, spec.ignore_id, mask=batch["mask"])
     miou, iou = segmentation.iou_from_confusion(confusion)
@@ -126,16 +132,20 @@ def real_miou(dataset: Dataset, predict, split: str, num_examples: Optional[int]
 class Evaluator:
     """Scores the variants' images on a dataset's split; real-image statistics are computed once."""
 
-    def __init__(self, dataset: Dataset, segmenter: Segmenter, settings: pipelines.Settings):
-        self.dataset, self.segmenter, self.settings = dataset, segmenter, settings
+    def __init__(self, dataset: Dataset, segmenter: Segmenter, settings: pipelines.Settings,
+                 full_frame: bool = False):
+        self.dataset, self.segmenter, self.settings, self.full_frame = dataset, segmenter, settings, full_frame
         self._real: dict = {}
+
+    def _batches(self, split: str, batch_size: int, num_examples: int):
+        return self.dataset.eval_batches(split, batch_size, limit=num_examples, full_frame=self.full_frame)
 
     def real_feature_stats(self, split: str, num_examples: int, batch_size: int = 32) -> fid_lib.FeatureStats:
         """Segmenter-feature statistics of the split's real images."""
         key = ("segfeat", split, num_examples)
         if key not in self._real:
             stats = fid_lib.FeatureStats()
-            for batch in self.dataset.eval_batches(split, batch_size, limit=num_examples):
+            for batch in self._batches(split, batch_size, num_examples):
                 stats.add(self.segmenter.features(batch["image"])[batch["mask"]])
             self._real[key] = stats
         return self._real[key]
@@ -145,15 +155,15 @@ class Evaluator:
         """Inception statistics of the split's real images."""
         key = ("inception", inception.name, split, num_examples)
         if key not in self._real:
-            batches = (b["image"][b["mask"]] for b in self.dataset.eval_batches(split, batch_size,
-                                                                               limit=num_examples))
+            batches = (b["image"][b["mask"]] for b in self._batches(split, batch_size, num_examples))
             self._real[key] = inception.accumulate(batches)
         return self._real[key]
 
     def real_image_miou(self, split: str, num_examples: int, batch_size: int = EVAL_BATCH) -> float:
         """The evaluation segmenter's mIoU on the split's REAL images: the ceiling of image mIoU."""
         batch_size = min(batch_size, num_examples)  # the variants' batch: one compiled segmenter
-        return real_miou(self.dataset, self.segmenter.predict, split, num_examples, batch_size)["miou"]
+        return real_miou(self.dataset, self.segmenter.predict, split, num_examples, batch_size,
+                         self.full_frame)["miou"]
 
     def evaluate_variant(self, variant: str, models: Models, *, split: str = "test", num_examples: int = 128,
                          seed: int = 0, batch_size: int = EVAL_BATCH, clip_scorer=None, inception=None,
@@ -180,17 +190,18 @@ class Evaluator:
         clip_results = []
         rows: List[dict] = []
         count = 0
-        for bi, batch in enumerate(self.dataset.eval_batches(split, batch_size, limit=num_examples)):
+        for bi, batch in enumerate(self._batches(split, batch_size, num_examples)):
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), bi)
             keep, gt, tokens = batch["mask"], batch["label"], batch["tokens"]
             if variant == "text_only":
                 cond = gt
-                images = pipelines.text_to_image(models.images, tokens, rng, settings)
+                images = pipelines.text_to_image(models.images, tokens, rng, settings, size=gt.shape[1:3])
             elif variant == "control":
                 cond = gt
                 images = pipelines.layout_to_image(models.images, tokens, gt, rng, settings)
             else:
                 cond = pipelines.text_to_layout(models.layout, tokens, jax.random.fold_in(rng, 7), settings)
+                cond = stretch_labels(cond, gt.shape[1:3])
                 images = pipelines.layout_to_image(models.images, tokens, cond, rng, settings)
             pred = segmenter.predict(images)
             conf_cond += segmentation.confusion_matrix(pred, cond, n, spec.ignore_id, mask=keep)
@@ -223,6 +234,17 @@ class Evaluator:
         logging.info("evaluation %s on %s (%d examples): image mIoU %.3f, layout mIoU %.3f, FID(segfeat) %.2f",
                      variant, split, count, result["image_miou"], result["layout_miou"], result["fid_segfeat"])
         return result
+
+
+def stretch_labels(ids: np.ndarray, size) -> np.ndarray:
+    """Nearest-neighbour [B, h, w] -> [B, H, W] class ids (a square text -> layout map onto a whole frame)."""
+    h, w = np.shape(ids)[1:3]
+    if (h, w) == tuple(size):
+        return ids
+    ids = np.asarray(ids)
+    rows = (np.arange(size[0]) * h) // size[0]
+    cols = (np.arange(size[1]) * w) // size[1]
+    return ids[:, rows][:, :, cols]
 
 
 def flat_metrics(prefix: str, result: dict) -> Dict[str, float]:

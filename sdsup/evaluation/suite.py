@@ -58,7 +58,8 @@ def evaluate_workdir(workdir: Workdir, config, dataset: Dataset, settings: pipel
     clip_dir = clip_dir or cfg.get("clip_dir")
     spec = dataset.spec
     models = load_models(workdir)
-    evaluator = images.Evaluator(dataset, load_segmenter(workdir, settings.compiler_options), settings)
+    evaluator = images.Evaluator(dataset, load_segmenter(workdir, settings.compiler_options), settings,
+                                 full_frame=bool(cfg.get("full_frame", False)))
     allowed = models.available_variants()
     variants = list(variants or cfg.get("variants") or allowed)
     unknown = [v for v in variants if v not in images.VARIANTS]

@@ -159,7 +159,7 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
     spec = shared_ctx.dataset.spec
     settings = shared_ctx.sampling()
     evaluator = images.Evaluator(shared_ctx.dataset, suite.load_segmenter(shared, settings.compiler_options),
-                                 settings)
+                                 settings, full_frame=bool(cfg_eval.get("full_frame", False)))
     results: Dict[str, List[dict]] = {v: [] for v in VARIANTS}
     first_rows: Dict[str, list] = {}
     for s in range(seeds):

@@ -90,7 +90,8 @@ def train_batches(ctx: Context, seed: int, data_state: Optional[dict] = None,
     """Global training batches on the mesh, resumable from `data_state`."""
     inp = ctx.config.input
     ds = ctx.dataset.train_dataset(global_batch_size=global_batch_size or inp.batch_size, seed=seed, flip=inp.flip,
-                                   num_threads=inp.num_threads, prefetch=inp.prefetch)
+                                   num_threads=inp.num_threads, prefetch=inp.prefetch,
+                                   num_workers=inp.get("num_workers", 0))
     it = iter(ds)
     if data_state:
         it.set_state(data_state)

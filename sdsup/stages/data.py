@@ -21,10 +21,13 @@ _STATS_EXAMPLES = 1000
 def split_stats(spec, source) -> dict:
     n = min(len(source), _STATS_EXAMPLES)
     counts = np.zeros(256, np.int64)
+    images_with = np.zeros(256, np.int64)
     lengths, extra = [], {}
     for i in range(n):
         record = source[i]
-        counts += np.bincount(pipeline.decode_label(record["label"]).ravel(), minlength=256)
+        per_image = np.bincount(pipeline.decode_label(record["label"]).ravel(), minlength=256)
+        counts += per_image
+        images_with += per_image > 0
         lengths.append(len(pipeline.text(record[spec.caption_field]).split()))
         if spec.record_stats is not None:
             for key, value in spec.record_stats(record).items():
@@ -34,6 +37,7 @@ def split_stats(spec, source) -> dict:
         "examples": len(source),
         "examples_in_stats": n,
         "class_pixel_fraction": {name: round(float(counts[i] / total), 5) for i, name in enumerate(spec.class_names)},
+        "images_per_class": {name: int(images_with[i]) for i, name in enumerate(spec.class_names)},
         "ignore_pixel_fraction": round(float(counts[spec.ignore_id] / total), 5),
         "caption_words_mean": round(float(np.mean(lengths)), 2),
         "caption_words_max": int(np.max(lengths)),

@@ -182,6 +182,9 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
     finally:
         writer.flush()
         ckpt.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     return state
 
 
