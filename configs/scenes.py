@@ -262,6 +262,7 @@ def get_config(arg: str = ""):
 
   # Stage `evalseg`: UperNet + ResNet segmenter on real images only (scores generated images).
   c.evalseg = ml_collections.ConfigDict()
+  c.evalseg.pretrained = config_dict.placeholder(str)  # an sdsup segmenter dir (e.g. an imported CSAIL UperNet) instead
   c.evalseg.model = ml_collections.ConfigDict(dict(
       embedding_size=16, hidden_sizes=(16, 32, 64), depths=(1, 1, 1), layer_type="basic", head_channels=32,
       pool_scales=(1, 2, 4)))

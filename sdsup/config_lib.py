@@ -61,6 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in stage_names:
         _require(name in STAGES, "stages", f"has unknown stage {name!r} (known: {list(STAGES)})", stage_names)
     _require(len(set(stage_names)) == len(stage_names), "stages", "lists a stage twice", stage_names)
+    if "pretrained" in config:  # configs/aldm.py: Stable Diffusion replaces the vae and ldm stages
+        _require(bool(config.vae.pretrained) and bool(config.ldm.pretrained), "pretrained",
+                 "must name the `python -m sdsup.convert import` output of your Stable Diffusion copy", None)
 
     name = _get(config, "data.name")
     _require(name in registry.names(), "data.name", f"is not a registered dataset {registry.names()}", name)
@@ -91,6 +94,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for axis, size in _get(config, "mesh").items():
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  "must be a positive integer or -1", size)
+    if "control" in stage_names:
+        init = config.control.get("discriminator_init", "scratch")
+        _require(bool(init), "control.discriminator_init",
+                 "must be 'stage', 'scratch' or a segmenter directory (ALDM's: `python -m sdsup.convert csail "
+                 "--fake_class`)", init)
     _positive_int(config, "preview_examples")
     if "sampling" in config:
         _positive_int(config, "sampling.steps")

@@ -58,7 +58,8 @@ def run(ctx: common.Context) -> dict:
         rows = []
         for i in range(min(ctx.config.preview_examples, len(source))):
             r = source[i]
-            image, label = ctx.dataset.geometry.apply(r["image"], r["label"], None)  # real files: decoded, cropped
+            # Real files decoded and resized, whole frames (Cityscapes' 1:2 included); the scenes as they are.
+            image, label = ctx.dataset.geometry.apply(r["image"], r["label"], None, crop=False)
             rows.append({"caption": pipeline.text(r[spec.caption_field]), "panels": [image, label]})
         grid = viz.captioned_grid(rows, spec.class_names, spec.palette, spec.ignore_id,
                                   scale=max(1, 128 // ctx.config.data.image_size))
