@@ -1,4 +1,4 @@
-"""python -m sdsup.convert {import,export}: diffusers pipeline directories <-> sdsup model directories.
+"""python -m sdsup.convert {import,export,csail}: pretrained weights <-> sdsup model directories.
 
   python -m sdsup.convert import --pretrained=DIFFUSERS_DIR --out=OUT
       DIFFUSERS_DIR: a diffusers pipeline directory (model_index.json, unet/,
@@ -16,6 +16,15 @@
       from_pretrained(OUT, local_files_only=True). OUT/README.md says how to
       use it (tokenizer, layout conditioning).
 
+  python -m sdsup.convert csail --encoder=encoder_epoch_50.pth --decoder=decoder_epoch_50.pth --out=OUT
+      [--fake_class] [--image_mean=0.5,0.5,0.5 --image_std=0.5,0.5,0.5]
+      The CSAIL semantic-segmentation (mit_semseg) ResNet + UPerNet weights
+      ALDM uses (read with torch.load(weights_only=True)) -> an sdsup
+      segmenter directory (style="csail"). --fake_class appends ALDM's
+      discriminator "fake" output, last, zero-initialised: use the result as
+      --config.control.discriminator_init=OUT; without it, as
+      --config.evalseg.pretrained=OUT.
+
 Errors are printed as one line, `error: ...`, with exit status 1; set
 SDSUP_DEBUG=1 to get tracebacks instead.
 """
@@ -25,23 +34,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 # Conversions are small host-side jobs: keep jax off any accelerator and quiet. Set before the imports
 # below, which import jax, and jax reads JAX_PLATFORMS when it is imported.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from sdsup.convert import exporter, importer  # noqa: E402
+from sdsup.convert import csail, exporter, importer  # noqa: E402
 from sdsup.cli import run_argparse  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdsup.convert",
-        description="Convert between diffusers pipeline directories and sdsup model directories.",
-        epilog="See `python -m sdsup.convert import --help` and `... export --help`.",
+        description="Convert between diffusers pipeline directories and sdsup model directories, or import "
+                    "CSAIL (mit_semseg) UperNet segmenter weights.",
+        epilog="See `python -m sdsup.convert import --help`, `... export --help` and `... csail --help`.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{import,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{import,export,csail}")
     sub.required = True
 
     imp = sub.add_parser(
@@ -71,6 +82,23 @@ def _parser() -> argparse.ArgumentParser:
                           "ddim: always write a DDIMScheduler config")
     exp.add_argument("--overwrite", action="store_true",
                      help="allow a non-empty OUT; only the entries written are replaced")
+
+    seg = sub.add_parser(
+        "csail", help="CSAIL mit_semseg ResNet + UPerNet .pth files -> sdsup segmenter directory",
+        description="Convert mit_semseg's encoder_epoch_*.pth + decoder_epoch_*.pth (ResNet + UPerNet, the network "
+                    "ALDM's discriminator and ADE20K evaluator load) into an sdsup segmenter model directory.")
+    seg.add_argument("--encoder", required=True, metavar="FILE", help="encoder state dict (.pth)")
+    seg.add_argument("--decoder", required=True, metavar="FILE", help="decoder state dict (.pth)")
+    seg.add_argument("--out", required=True, metavar="OUT", help="sdsup model directory to write")
+    seg.add_argument("--fake_class", action="store_true",
+                     help="append ALDM's 'fake' class as the last output (zero-initialised): the discriminator")
+    seg.add_argument("--num_classes", type=int, default=None,
+                     help="check that the decoder predicts this many classes (before --fake_class)")
+    seg.add_argument("--image_mean", default=None, metavar="R,G,B",
+                     help="normalisation of [0, 1] pixels (default ImageNet; ALDM's Cityscapes head: 0.5,0.5,0.5)")
+    seg.add_argument("--image_std", default=None, metavar="R,G,B",
+                     help="normalisation of [0, 1] pixels (default ImageNet; ALDM's Cityscapes head: 0.5,0.5,0.5)")
+    seg.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
     return parser
 
 
@@ -78,9 +106,30 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _rgb(parser: argparse.ArgumentParser, name: str, value: Optional[str], default):
+    if value is None:
+        return default
+    try:
+        rgb = tuple(float(x) for x in value.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3:
+        parser.error(f"--{name} takes three comma-separated numbers, got {value!r}")
+    return rgb
+
+
 def run(argv) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "import":
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "csail":
+        config = csail.convert(args.encoder, args.decoder, args.out, fake_class=args.fake_class,
+                               num_classes=args.num_classes,
+                               image_mean=_rgb(parser, "image_mean", args.image_mean, csail.IMAGENET_MEAN),
+                               image_std=_rgb(parser, "image_std", args.image_std, csail.IMAGENET_STD),
+                               overwrite=args.overwrite, log=_log)
+        print(f"imported CSAIL UperNet ({config.num_classes} outputs{', last: fake' if args.fake_class else ''}) "
+              f"into {args.out}")
+    elif args.command == "import":
         components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
         dtype = None if args.dtype in ("keep", "none", "") else args.dtype
         manifest = importer.import_pretrained(args.pretrained, args.out, components=components, variant=args.variant,

@@ -11,9 +11,26 @@ Two roles share this architecture:
 * Evaluation segmenter: the same network with N classes, trained on real
   images only; its `pooled_features` also feed an FID-like feature metric.
 
-The module reproduces transformers' `UperNetForSemanticSegmentation` with a
-`ResNetBackbone` operation for operation, so that weights convert both ways
-(`sdsup/convert/segmenter.py`) and outputs agree to float32 rounding:
+Two architectures (`SegmenterConfig.style`), each reproduced operation for
+operation so that weights convert both ways and outputs agree to float32
+rounding:
+
+* "transformers": transformers' `UperNetForSemanticSegmentation` with a
+  `ResNetBackbone` (`sdsup/convert/segmenter.py`).
+* "csail": the CSAIL semantic-segmentation project's (`mit_semseg`) `Resnet`
+  encoder + `UPerNet` decoder, the network ALDM's discriminator and ADE20K
+  evaluator load from `encoder_epoch_50.pth` / `decoder_epoch_50.pth`
+  (`sdsup/convert/csail.py`). It differs in three places: a deep stem (three
+  3x3 conv-BN-ReLU, the first with stride 2, then the 3x3/2 max pool), a
+  pyramid pooling branch that resizes the pooled map back to the feature size
+  BEFORE its 1x1 conv-BN-ReLU (transformers convolves first), and BatchNorm
+  momentum 0.001 (mit_semseg's SynchronizedBatchNorm2d default). Bottleneck
+  blocks are the same as transformers' (stride in the 3x3, 1x1 projection
+  shortcut where the shape changes). The CSAIL head has no auxiliary output;
+  its FPN width is `head_channels` (mit_semseg builds "upernet" with 512,
+  "upernet_lite" with 256) and its pyramid branches have `ppm_channels` (512).
+
+Shared conventions:
 
 * Inputs are images in [-1, 1] (sdsup's convention for pixels). The model maps
   them to [0, 1] and applies the ImageNet mean/std normalisation itself, so the
@@ -21,8 +38,8 @@ The module reproduces transformers' `UperNetForSemanticSegmentation` with a
   `((images + 1) / 2 - mean) / std`. Keeping this inside the model means that
   generated images (tanh range) can be fed straight in, gradients included.
 * BatchNorm follows torch's `BatchNorm2d`: eps 1e-5, running stats updated as
-  `(1 - 0.1) * running + 0.1 * batch`, the running variance uses the unbiased
-  batch variance while normalisation uses the biased one. Under pjit the batch
+  `(1 - m) * running + m * batch` (m = 0.1, or 0.001 for "csail"), the running
+  variance uses the unbiased batch variance while normalisation uses the biased one. Under pjit the batch
   statistics are those of the whole (global) batch, i.e. SyncBatchNorm.
 * Resampling is written out (`resize_bilinear`, `adaptive_avg_pool`) to match
   torch's `F.interpolate(mode="bilinear", align_corners=False)` and
@@ -47,6 +64,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # torch.nn.BatchNorm2d defaults; transformers does not expose them.
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
+# mit_semseg's SynchronizedBatchNorm2d: eps 1e-5, momentum 0.001 (torch convention).
+CSAIL_BN_MOMENTUM = 0.001
+STYLES = ("transformers", "csail")
 # transformers' UperNetFCNHead always reads the third backbone feature.
 AUX_IN_INDEX = 2
 LAYER_TYPES = ("basic", "bottleneck")
@@ -65,11 +85,19 @@ class SegmenterConfig:
     Field names follow transformers where one exists (`UperNetConfig.hidden_size`
     is `head_channels` here, `num_labels` is `num_classes`);
     `sdsup.convert.segmenter` maps transformers' UperNetConfig both ways.
+
+    `style="csail"` is mit_semseg's ResNet + UPerNet (`sdsup.convert.csail`):
+    it uses `stem_channels` instead of `embedding_size`, `ppm_channels` for
+    the pyramid branches and `head_channels` as the FPN width; the
+    transformers-only fields (embedding_size, downsample_*, out_features,
+    the auxiliary head) must keep their defaults, and vice versa.
     """
 
     num_classes: int = 150
+    # "transformers" or "csail" (see the module docstring).
+    style: str = "transformers"
     # ResNet backbone (transformers' ResNetConfig); the stem is one 7x7/2 conv,
-    # BN, ReLU and a 3x3/2 max pool.
+    # BN, ReLU and a 3x3/2 max pool (style="csail": see stem_channels).
     embedding_size: int = 64
     hidden_sizes: Tuple[int, ...] = (256, 512, 1024, 2048)
     depths: Tuple[int, ...] = (3, 4, 6, 3)
@@ -91,11 +119,17 @@ class SegmenterConfig:
     # Normalisation applied to [0, 1] pixels inside the model.
     image_mean: Tuple[float, ...] = IMAGENET_MEAN
     image_std: Tuple[float, ...] = IMAGENET_STD
+    # style="csail" only: the deep stem's conv widths (mit_semseg: 64, 64, 128)
+    # and the pyramid pooling branches' width (mit_semseg: 512).
+    stem_channels: Tuple[int, ...] = (64, 64, 128)
+    ppm_channels: int = 512
 
     def __post_init__(self):
         # Accept lists (e.g. from JSON) but store tuples so the config hashes.
-        for name in ("hidden_sizes", "depths", "out_features", "pool_scales", "image_mean", "image_std"):
+        for name in ("hidden_sizes", "depths", "out_features", "pool_scales", "image_mean", "image_std",
+                     "stem_channels"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
+        self._check_style()
         if self.layer_type not in LAYER_TYPES:
             raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {self.layer_type!r}")
         if len(self.depths) != len(self.hidden_sizes) or not self.depths:
@@ -128,13 +162,37 @@ class SegmenterConfig:
                 # With no convs the classifier (and conv_cat) see the raw feature.
                 raise ValueError("auxiliary_num_convs=0 needs auxiliary_channels equal to the input feature's channels")
 
+    def _check_style(self):
+        """The fields of the other style must keep their defaults (a set value would be silently ignored)."""
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.style == "csail":
+            unused = ("embedding_size", "downsample_in_first_stage", "downsample_in_bottleneck", "out_features",
+                      "use_auxiliary_head", "auxiliary_channels", "auxiliary_num_convs", "auxiliary_concat_input",
+                      "auxiliary_in_channels")
+            if not self.stem_channels or min(self.stem_channels) < 1 or self.ppm_channels < 1:
+                raise ValueError(f"style='csail' needs positive stem_channels and ppm_channels, got "
+                                 f"{self.stem_channels} and {self.ppm_channels}")
+        else:
+            unused = ("stem_channels", "ppm_channels")
+        fields = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [n for n in unused if getattr(self, n) != fields[n]]
+        if changed:
+            raise ValueError(f"style={self.style!r} does not use {changed}; leave them at their defaults")
+
+    @property
+    def bn_momentum(self) -> float:
+        """BatchNorm running-statistics momentum (torch convention) of the style's PyTorch original."""
+        return CSAIL_BN_MOMENTUM if self.style == "csail" else BN_MOMENTUM
+
     @property
     def stage_names(self) -> Tuple[str, ...]:
         return ("stem",) + tuple(f"stage{i + 1}" for i in range(len(self.depths)))
 
     @property
     def stage_channels(self) -> Tuple[int, ...]:
-        return (self.embedding_size,) + self.hidden_sizes
+        stem = self.stem_channels[-1] if self.style == "csail" else self.embedding_size
+        return (stem,) + self.hidden_sizes
 
     @property
     def feature_stages(self) -> Tuple[str, ...]:
@@ -235,11 +293,12 @@ class BatchNorm(nn.Module):
     Parameters `scale`/`bias` (torch weight/bias); `batch_stats` hold `mean`,
     `var` (torch running_mean/running_var) and `num_batches_tracked`, kept so
     that checkpoints round-trip to PyTorch exactly. Statistics are computed in
-    float32 whatever the compute dtype.
+    float32 whatever the compute dtype. `momentum` in torch's convention.
     """
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -260,7 +319,7 @@ class BatchNorm(nn.Module):
             # Two-pass variance: E[x^2] - E[x]^2 loses digits on large-mean activations.
             var = jnp.mean(jnp.square(xf - mean), axes)
             if not self.is_initializing():
-                m = BN_MOMENTUM
+                m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
                 ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
                 count.value = count.value + 1
@@ -298,11 +357,12 @@ class ConvNorm(nn.Module):
     relu: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = _conv(self.features, self.kernel, self.stride, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x, train)
+        x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, momentum=self.bn_momentum, name="norm")(x, train)
         return nn.relu(x) if self.relu else x
 
 
@@ -315,10 +375,11 @@ class ResNetBlock(nn.Module):
     downsample_in_bottleneck: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bn_momentum=self.bn_momentum)
         residual = x
         # Projection shortcut only where the identity does not fit (as transformers).
         if x.shape[-1] != self.features or self.stride != 1:
@@ -340,6 +401,22 @@ def _remat(cls, remat: bool):
     return nn.remat(cls, static_argnums=(2,)) if remat else cls
 
 
+class DeepStem(nn.Module):
+    """CSAIL's stem: 3x3 conv-BN-ReLU per width in `channels`, the first with stride 2 (before the max pool)."""
+
+    channels: Tuple[int, ...]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bn_momentum=self.bn_momentum)
+        for k, c in enumerate(self.channels):
+            x = ConvNorm(c, 3, 2 if k == 0 else 1, name=f"conv_{k}", **kw)(x, train)
+        return x
+
+
 class ResNetBackbone(nn.Module):
     """Returns every stage's output: (stem after max pool, stage1, ..., stageK)."""
 
@@ -351,8 +428,11 @@ class ResNetBackbone(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> Tuple[jax.Array, ...]:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = _remat(ConvNorm, self.remat)(cfg.embedding_size, 7, 2, name="embedder", **kw)(x, train)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bn_momentum=cfg.bn_momentum)
+        if cfg.style == "csail":
+            x = _remat(DeepStem, self.remat)(cfg.stem_channels, name="stem", **kw)(x, train)
+        else:
+            x = _remat(ConvNorm, self.remat)(cfg.embedding_size, 7, 2, name="embedder", **kw)(x, train)
         # Padding with -inf, as torch's MaxPool2d(3, 2, padding=1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         hidden = [x]
@@ -407,6 +487,62 @@ class UperNetHead(nn.Module):
                      kernel_init=nn.initializers.normal(0.01), **kw)(x)
 
 
+class CsailPPM(nn.Module):
+    """mit_semseg UPerNet's pyramid pooling: per scale, adaptive average pool -> bilinear resize back to
+    the feature's size -> 1x1 conv-BN-ReLU (in that order); concatenated after the feature, 3x3 conv-BN-ReLU."""
+
+    channels: int
+    branch_channels: int
+    pool_scales: Tuple[int, ...]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bn_momentum=self.bn_momentum)
+        size = x.shape[1:3]
+        branches = [x]
+        for i, s in enumerate(self.pool_scales):
+            up = resize_bilinear(adaptive_avg_pool(x, s), size)
+            branches.append(ConvNorm(self.branch_channels, 1, name=f"conv_{i}", **kw)(up, train))
+        return ConvNorm(self.channels, 3, name="last", **kw)(jnp.concatenate(branches, -1), train)
+
+
+class CsailUperNetHead(nn.Module):
+    """mit_semseg's UPerNet decoder up to the logits (its log_softmax / softmax is left to the caller).
+
+    PPM on the last feature; top-down over the others: lateral 1x1 conv-BN-ReLU
+    plus the bilinearly resized coarser level, then a 3x3 conv-BN-ReLU per
+    level (the PPM level has none); every level resized to the finest,
+    concatenated finest first, 3x3 conv-BN-ReLU, 1x1 classifier with bias.
+    """
+
+    channels: int
+    ppm_channels: int
+    pool_scales: Tuple[int, ...]
+    num_classes: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bn_momentum=self.bn_momentum)
+        ch = self.channels
+        f = CsailPPM(ch, self.ppm_channels, self.pool_scales, name="ppm", **kw)(features[-1], train)
+        levels = [f]
+        for i in reversed(range(len(features) - 1)):
+            lateral = ConvNorm(ch, 1, name=f"fpn_in_{i}", **kw)(features[i], train)
+            f = lateral + resize_bilinear(f, lateral.shape[1:3])
+            levels.insert(0, ConvNorm(ch, 3, name=f"fpn_out_{i}", **kw)(f, train))
+        size = levels[0].shape[1:3]
+        fused = jnp.concatenate([levels[0]] + [resize_bilinear(x, size) for x in levels[1:]], -1)
+        x = ConvNorm(ch, 3, name="fuse", **kw)(fused, train)
+        return _conv(self.num_classes, 1, use_bias=True, name="classifier",
+                     kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
 class FCNHead(nn.Module):
     """transformers' UperNetFCNHead: convs on one feature (+ optional concat), 1x1 classifier."""
 
@@ -430,7 +566,7 @@ class FCNHead(nn.Module):
 
 
 class UperNetSegmenter(nn.Module):
-    """UperNet + ResNet segmenter on images in [-1, 1].
+    """UperNet + ResNet segmenter on images in [-1, 1] (either `config.style`).
 
     `__call__(images, train)` returns float32 logits [B, H, W, num_classes] at
     the input resolution. For a discriminator, `num_classes = N + 1` and the
@@ -452,7 +588,13 @@ class UperNetSegmenter(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.backbone = ResNetBackbone(cfg, self.remat, **kw)
-        self.decode_head = _remat(UperNetHead, self.remat)(cfg.head_channels, cfg.pool_scales, cfg.num_classes, **kw)
+        if cfg.style == "csail":
+            self.decode_head = _remat(CsailUperNetHead, self.remat)(
+                cfg.head_channels, cfg.ppm_channels, cfg.pool_scales, cfg.num_classes, bn_momentum=cfg.bn_momentum,
+                **kw)
+        else:
+            self.decode_head = _remat(UperNetHead, self.remat)(cfg.head_channels, cfg.pool_scales, cfg.num_classes,
+                                                               **kw)
         if cfg.use_auxiliary_head:
             self.auxiliary_head = FCNHead(
                 cfg.auxiliary_channels, cfg.auxiliary_num_convs, cfg.auxiliary_concat_input, cfg.num_classes, **kw
