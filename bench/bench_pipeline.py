@@ -50,7 +50,7 @@ def random_workdir(root: str, config) -> str:
     unet_config, text_config = model_configs.ldm(config, dataset.text_tokenizer(config))
     vae_config = model_configs.vae(config)
     table = np.random.default_rng(0).standard_normal((spec.num_classes, text_config.hidden_size)).astype(np.float32)
-    cn_config = model_configs.controlnet(config, unet_config, table.shape[1])
+    cn_config = model_configs.controlnet(config, unet_config, table.shape[1], vae_config)
     layout_config = model_configs.layout(config, spec.num_classes, text_config.hidden_size)
     latent = config.data.image_size // vae_config.downsample_factor
     inits = dict(aldm.frozen_model_inits(config, unet_config, vae_config, text_config),

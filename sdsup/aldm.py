@@ -362,7 +362,7 @@ class Setup:
         self.unet, self.unet_config = UNet2DConditionModel(unet_config), unet_config
         self.vae = AutoencoderKL(vae_config)
         self.text_model, self.text_config = CLIPTextTransformer(text_config), text_config
-        self.cn_config = model_configs.controlnet(config, unet_config, self.table.shape[1])
+        self.cn_config = model_configs.controlnet(config, unet_config, self.table.shape[1], vae_config)
         self.controlnet = ControlNetModel(self.cn_config)
         self.seg_config = model_configs.discriminator(config, spec.num_classes)
         self.seg = model_configs.discriminator_network(config, self.seg_config)
@@ -451,16 +451,21 @@ class Setup:
                 _check_same_shapes(pending.abstract["seg"][key], discriminator[key], f"discriminator {key}")
         return (pending if background else pending.result()), shardings
 
+    def step_constants(self) -> dict:
+        """The step's non-trained inputs that are not weights: the class table and lambda_adv (host arrays)."""
+        return {"class_table": self.table, "lambda_adv": np.float32(self.cfg.lambda_adv)}
+
     def frozen(self, mesh, unet_params, vae_params, text_params):
-        """The step's non-trained inputs on `mesh`: frozen weights, the class table, lambda_adv."""
+        """The step's non-trained inputs on `mesh`: frozen weights and `step_constants`."""
         inits = self.frozen_inits()
-        return {
+        frozen = {
             "unet": sharding.place(inits["unet"], unet_params, mesh),
             "vae": sharding.place(inits["vae"], vae_params, mesh),
             "text_encoder": sharding.place(inits["text_encoder"], text_params, mesh),
-            "class_table": jax.device_put(jnp.asarray(self.table), sharding.replicated(mesh)),
-            "lambda_adv": jax.device_put(jnp.float32(self.cfg.lambda_adv), sharding.replicated(mesh)),
         }
+        for name, value in self.step_constants().items():
+            frozen[name] = jax.device_put(jnp.asarray(value), sharding.replicated(mesh))
+        return frozen
 
     def abstract_frozen(self, mesh):
         """`frozen`'s shapes, dtypes and shardings, with no weights: lowering the step at any scale."""

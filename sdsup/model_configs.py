@@ -9,7 +9,7 @@ configs (an old workdir's config.json) become tuples here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Tuple, Type, TypeVar
+from typing import Any, Mapping, Tuple, Type, TypeVar, Union
 
 import jax.numpy as jnp
 
@@ -17,6 +17,7 @@ from sdsup.diffusion import schedule as schedule_lib
 from sdsup.models.clip_text import CLIPTextConfig
 from sdsup.models.controlnet import ControlNetConfig
 from sdsup.models.layout import LayoutConfig
+from sdsup.models.drn import DRNConfig, DRNSegmenter
 from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
 from sdsup.models.unet import UNetConfig
 from sdsup.models.vae import VAEConfig
@@ -79,12 +80,15 @@ def layout_factor(config) -> int:
     return size // res
 
 
-def controlnet(config, unet_config: UNetConfig, table_dim: int) -> ControlNetConfig:
+def controlnet(config, unet_config: UNetConfig, table_dim: int, vae_config: VAEConfig) -> ControlNetConfig:
+    """The conditioner of `config.control` for this UNet and VAE (the VAE's downsampling sets the hint's size:
+    `vae_config` is the VAE in use, which is a pretrained one's config, not config.vae.model, when
+    vae.pretrained is set)."""
     c = config.control
     hint = tuple(c.hint_channels) if c.hint_channels else None
     dim = table_dim if c.layout_encoding == "class_embedding" else None
     return ControlNetConfig.from_unet(unet_config, c.layout_encoding, dim, hint,
-                                      vae_scale_factor=vae(config).downsample_factor)
+                                      vae_scale_factor=vae_config.downsample_factor)
 
 
 def segmenter(model_section: Mapping[str, Any], num_classes: int, *, fake_class: bool = False) -> SegmenterConfig:
@@ -110,3 +114,9 @@ def discriminator_network(config, seg_config: SegmenterConfig) -> UperNetSegment
     c = config.control
     return UperNetSegmenter(seg_config, remat=bool(c.get("remat_discriminator", False)),
                             dtype=jnp.dtype(c.get("discriminator_dtype", "float32")))
+
+
+def segmenter_network(seg_config: Union[SegmenterConfig, DRNConfig]) -> Union[UperNetSegmenter, DRNSegmenter]:
+    """The module of a segmenter's config: sdsup's UperNet (either style) or an imported DRN (Cityscapes' evaluator).
+    Both take [-1, 1] images, return logits at the input size and have `pooled_features`."""
+    return DRNSegmenter(seg_config) if isinstance(seg_config, DRNConfig) else UperNetSegmenter(seg_config)

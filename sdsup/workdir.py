@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import ml_collections
 import numpy as np
@@ -48,6 +48,10 @@ STAGE_ROLES = {
     "control": "the segmentation conditioner",
     "evalseg": "the evaluation segmenter",
 }
+
+
+# Model kinds that segment images (`model_configs.segmenter_network` builds either).
+SEGMENTER_KINDS = ("segmenter", "drn_segmenter")
 
 
 class WorkdirError(SdsupError):
@@ -142,7 +146,7 @@ class Workdir:
     def save_model(self, stage: str, name: str, kind: str, config: Any, params: Any) -> None:
         model_io.save(self.model_dir(stage, name), kind, config, params)
 
-    def load_model(self, stage: str, name: str, kind: Optional[str] = None) -> Tuple[Any, Any]:
+    def load_model(self, stage: str, name: str, kind: Union[None, str, Sequence[str]] = None) -> Tuple[Any, Any]:
         """(config, params) of WORKDIR/<stage>/<name>; an error naming the stage to re-run if unusable."""
         return load_model_dir(self.model_dir(stage, name), kind, stage=stage)
 
@@ -210,13 +214,14 @@ class Workdir:
         return models.with_conditioner((config, params), table, unet)
 
     def segmenter(self, stage: str):
-        """(SegmenterConfig, variables {params, batch_stats}) of stage "evalseg" or "discriminator"."""
-        return self.load_model(stage, "model", "segmenter")
+        """(config, variables {params, batch_stats}) of stage "evalseg" (a UperNet or, imported, a DRN) or
+        "discriminator"."""
+        return self.load_model(stage, "model", SEGMENTER_KINDS)
 
 
-def load_model_dir(directory: str, kind: Optional[str] = None, stage: Optional[str] = None,
+def load_model_dir(directory: str, kind: Union[None, str, Sequence[str]] = None, stage: Optional[str] = None,
                    what: Optional[str] = None) -> Tuple[Any, Any]:
-    """(config, params) of an sdsup model directory, checked to hold a `kind`.
+    """(config, params) of an sdsup model directory, checked to hold a `kind` (or one of several).
 
     Errors name the stage to re-run (`stage`, for a workdir's own models) or
     the config key that named the directory (`what`, e.g. "config.vae.pretrained").
@@ -230,6 +235,7 @@ def load_model_dir(directory: str, kind: Optional[str] = None, stage: Optional[s
         got, config, params, _ = model_io.load(directory)
     except model_io.ModelFileError as e:
         raise WorkdirError(f"{e}{how}") from None
-    if kind is not None and got != kind:
-        raise WorkdirError(f"{name} holds a {got}, not a {kind}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and got not in kinds:
+        raise WorkdirError(f"{name} holds a {got}, not a {' or a '.join(kinds)}")
     return config, params

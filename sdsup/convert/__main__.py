@@ -1,4 +1,4 @@
-"""python -m sdsup.convert {import,export,csail}: pretrained weights <-> sdsup model directories.
+"""python -m sdsup.convert {import,export,csail,drn}: pretrained weights <-> sdsup model directories.
 
   python -m sdsup.convert import --pretrained=DIFFUSERS_DIR --out=OUT
       DIFFUSERS_DIR: a diffusers pipeline directory (model_index.json, unet/,
@@ -25,6 +25,11 @@
       --config.control.discriminator_init=OUT; without it, as
       --config.evalseg.pretrained=OUT.
 
+  python -m sdsup.convert drn --checkpoint=drn-d-105_ms_cityscapes.pth --out=OUT
+      fyu/drn's DRNSeg (the DRN-D-105 that ALDM's paper scores Cityscapes
+      with; torch.load(weights_only=True)) -> an sdsup segmenter directory
+      for --config.evalseg.pretrained=OUT.
+
 Errors are printed as one line, `error: ...`, with exit status 1; set
 SDSUP_DEBUG=1 to get tracebacks instead.
 """
@@ -41,7 +46,7 @@ from typing import Optional
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from sdsup.convert import csail, exporter, importer  # noqa: E402
+from sdsup.convert import csail, drn, exporter, importer  # noqa: E402
 from sdsup.cli import run_argparse  # noqa: E402
 
 
@@ -52,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                     "CSAIL (mit_semseg) UperNet segmenter weights.",
         epilog="See `python -m sdsup.convert import --help`, `... export --help` and `... csail --help`.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{import,export,csail}")
+    sub = parser.add_subparsers(dest="command", metavar="{import,export,csail,drn}")
     sub.required = True
 
     imp = sub.add_parser(
@@ -99,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--image_std", default=None, metavar="R,G,B",
                      help="normalisation of [0, 1] pixels (default ImageNet; ALDM's Cityscapes head: 0.5,0.5,0.5)")
     seg.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+
+    net = sub.add_parser(
+        "drn", help="fyu/drn DRNSeg .pth file -> sdsup segmenter directory",
+        description="Convert a fyu/drn DRNSeg checkpoint (e.g. drn-d-105_ms_cityscapes.pth, the network that ALDM's "
+                    "paper scores Cityscapes image mIoU with) into an sdsup model directory for "
+                    "--config.evalseg.pretrained.")
+    net.add_argument("--checkpoint", required=True, metavar="FILE", help="DRNSeg state dict or checkpoint (.pth)")
+    net.add_argument("--out", required=True, metavar="OUT", help="sdsup model directory to write")
+    net.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
     return parser
 
 
@@ -129,6 +143,9 @@ def run(argv) -> int:
                                overwrite=args.overwrite, log=_log)
         print(f"imported CSAIL UperNet ({config.num_classes} outputs{', last: fake' if args.fake_class else ''}) "
               f"into {args.out}")
+    elif args.command == "drn":
+        config = drn.convert(args.checkpoint, args.out, overwrite=args.overwrite, log=_log)
+        print(f"imported DRN-{config.arch} segmenter ({config.num_classes} classes) into {args.out}")
     elif args.command == "import":
         components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
         dtype = None if args.dtype in ("keep", "none", "") else args.dtype

@@ -49,13 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sdsup import pipelines, segmentation
+from sdsup import model_configs, pipelines, segmentation
 from sdsup.conditioning import images_to_float
 from sdsup.data.dataset import Dataset
 from sdsup.errors import SdsupError
 from sdsup.evaluation import fid as fid_lib
 from sdsup.evaluation.clip_score import ClipScoreResult
-from sdsup.models.segmenter import UperNetSegmenter
 
 VARIANTS = ("text_only", "control", "text_layout_image")
 # Batch of the evaluations (images and layouts): larger batches use the cores better.
@@ -83,7 +82,8 @@ class Models:
 
 
 class Segmenter:
-    """A trained segmenter (the evaluation segmenter): label maps and domain features of uint8 images."""
+    """A trained segmenter (the evaluation segmenter; a UperNet, or an imported DRN): label maps and domain
+    features of uint8 images."""
 
     def __init__(self, config, variables, compiler_options: tuple = ()):
         self.config, self.variables = config, variables
@@ -98,7 +98,7 @@ class Segmenter:
 
 @functools.lru_cache(maxsize=8)
 def _segmenter_fns(config, compiler_options: tuple):
-    seg = UperNetSegmenter(config)
+    seg = model_configs.segmenter_network(config)
     options = dict(compiler_options) or None
 
     def predict(v, images):
@@ -106,7 +106,7 @@ def _segmenter_fns(config, compiler_options: tuple):
         return jnp.argmax(seg.apply(v, x, train=False), -1).astype(jnp.int32)
 
     def features(v, images):
-        return seg.apply(v, images_to_float(images), all_stages=True, method=UperNetSegmenter.pooled_features)
+        return seg.apply(v, images_to_float(images), all_stages=True, method=type(seg).pooled_features)
 
     return jax.jit(predict, compiler_options=options), jax.jit(features, compiler_options=options)
 

@@ -19,7 +19,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from sdsup.errors import SdsupError
-from sdsup.models import clip_text, clip_vision, controlnet, inception, layout, segmenter, unet, vae
+from sdsup.models import clip_text, clip_vision, controlnet, drn, inception, layout, segmenter, unet, vae
 
 CONFIG_FILE, PARAMS_FILE = "config.json", "params.safetensors"
 
@@ -36,9 +36,18 @@ CONFIG_CLASSES: Dict[str, Any] = {
     "text_encoder": clip_text.CLIPTextConfig,
     "image_encoder": clip_vision.CLIPVisionConfig,  # CLIP vision tower (+ projection), e.g. for CLIP score
     "segmenter": segmenter.SegmenterConfig,
+    "drn_segmenter": drn.DRNConfig,  # fyu/drn's DRN-D (Cityscapes' image-mIoU evaluator; sdsup.convert drn)
     "layout": layout.LayoutConfig,
     "inception": inception.InceptionConfig,  # FID features (sdsup.convert.inception)
 }
+
+
+def kind_of(config: Any) -> str:
+    """The model kind whose config class `config` is (a DRNConfig -> "drn_segmenter")."""
+    for kind, cls in CONFIG_CLASSES.items():
+        if type(config) is cls:
+            return kind
+    raise ModelFileError(f"{type(config).__name__} is not the config of a known model kind")
 
 
 def config_to_dict(config: Any) -> dict:
