@@ -50,3 +50,30 @@ def test_local_multiprocess_runs_the_data_stage(tmp_path):
     assert "process 1/2" in out.stderr and "'data': 4" in out.stderr
     done = json.loads((tmp_path / "wd" / "data" / "DONE.json").read_text())
     assert done["splits"]["train"]["examples"] == 32
+
+
+def test_aldm_launcher_prepares_then_trains_the_real_config():
+    env = {"DRY_RUN": "1", "ROOT": "/shared/aldm", "DATA": "/shared/ade", "CAPTIONS": "/shared/c.json",
+           "SD_PIPELINE": "/models/sd-v1-5", "CSAIL_DIR": "/models/csail", "TPU_NAME": "pod", "ZONE": "z"}
+    script = os.path.join(LAUNCH, "aldm.sh")
+    prepare = _bash([script, "ade20k", "prepare"], env)
+    assert prepare.returncode == 0, prepare.stderr
+    lines = prepare.stdout.splitlines()
+    assert "'sdsup.convert' 'import' '--pretrained=/models/sd-v1-5' '--out=/shared/aldm/sd15'" in lines[0]
+    assert "'--fake_class' '--out=/shared/aldm/segmenters/discriminator_ade20k'" in lines[1]
+    assert "'--out=/shared/aldm/segmenters/upernet101_ade20k'" in lines[2] and "--fake_class" not in lines[2]
+    assert "'--config=configs/aldm.py:ade20k'" in lines[3] and "'--only=data'" in lines[3]
+    assert "'--config.evalseg.pretrained=/shared/aldm/segmenters/upernet101_ade20k'" in lines[3]
+    cityscapes = _bash([script, "cityscapes", "prepare"], env)
+    assert "decoder_epoch_50_20cls.pth" in cityscapes.stdout and "--image_mean=0.5,0.5,0.5" in cityscapes.stdout
+    tpu = _bash([script, "ade20k", "tpu", "--config.input.batch_size=16"], env)
+    assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "configs/aldm.py:ade20k" in tpu.stdout
+    assert "--config.input.batch_size=16" in tpu.stdout
+    slurm = _bash([script, "folder", "slurm"], dict(env, NODES="4"))
+    assert slurm.returncode == 0 and "'sbatch' '--nodes=4'" in slurm.stdout
+    assert "CONFIG=configs/aldm.py:folder" in slurm.stdout and "discriminator_init" not in slurm.stdout
+    bad = _bash([script, "coco", "tpu"], env)
+    assert bad.returncode == 2 and "ade20k|cityscapes|folder" in bad.stderr
+    missing = _bash([script, "ade20k", "prepare"], {"DRY_RUN": "1", "ROOT": "/r", "DATA": "/d", "SD_PIPELINE": "",
+                                                      "CSAIL_DIR": ""})
+    assert missing.returncode != 0 and "SD_PIPELINE" in missing.stderr
