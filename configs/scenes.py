@@ -255,6 +255,10 @@ def get_config(arg: str = ""):
   c.control.remat_discriminator = False
   # Its compute dtype ("bfloat16" at scale; parameters and BatchNorm statistics stay float32).
   c.control.discriminator_dtype = "float32"
+  # Read the frozen VAE's latents (both flips), its reconstructions and the text states from a cache computed
+  # once (WORKDIR/control/latent_cache) instead of running those encoders every step. Needs training without
+  # random crops.
+  c.control.latent_cache = False
   c.control.log_every = 50
   c.control.sample_every = 100
   c.control.checkpoint_every = 1000

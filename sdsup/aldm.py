@@ -42,6 +42,7 @@ t_k (the noisier part of the grid), on plain steps at uniform t;
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -50,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdsup import conditioning, model_configs, parallel, segmentation
-from sdsup.data import registry
+from sdsup.data import latent_cache, pipeline, registry
 from sdsup.diffusion import samplers
 from sdsup.diffusion import schedule as schedule_lib
 from sdsup.errors import ConfigError
@@ -261,14 +262,25 @@ def make_step(objective: Objective, text_model: CLIPTextTransformer, gen_tx, seg
         frozen = dict(frozen, vae=sharding.gathered(frozen["vae"], mesh))
         rng_z, rng_drop, rng_noise, rng_adv = jax.random.split(rng, 4)
         step_no = state["step"]
-        x = conditioning.images_to_float(batch["image"])
         labels = batch["label"].astype(jnp.int32)
-        posterior = vae.apply({"params": frozen["vae"]}, x, method=vae.encode)
-        z0 = jax.lax.stop_gradient(vae.scale_latents(posterior.sample(rng_z)))
-        drop = jax.random.uniform(rng_drop, (x.shape[0], 1)) < s.caption_dropout
-        tokens = jnp.where(drop, empty[None, :], batch["tokens"])
-        context = jax.lax.stop_gradient(conditioning.encode_text(text_model, frozen["text_encoder"], tokens,
-                                                                 prompting.pad_id))
+        drop = jax.random.uniform(rng_drop, (labels.shape[0], 1)) < s.caption_dropout
+        if "latent_mean" in batch:
+            # The latent cache (sdsup.data.latent_cache): the frozen encoders' outputs come with the batch.
+            mean = batch["latent_mean"].astype(jnp.float32)
+            noise = jax.random.normal(rng_z, mean.shape, jnp.float32)
+            z0 = vae.scale_latents(mean + jnp.exp(0.5 * batch["latent_logvar"].astype(jnp.float32)) * noise)
+            real = {"x_real": conditioning.images_to_float(batch["reconstruction"])}
+            empty_context = conditioning.encode_text(text_model, frozen["text_encoder"], empty[None, :],
+                                                     prompting.pad_id)
+            context = jnp.where(drop[:, :, None], empty_context, batch["context"].astype(jnp.float32))
+        else:
+            x = conditioning.images_to_float(batch["image"])
+            posterior = vae.apply({"params": frozen["vae"]}, x, method=vae.encode)
+            z0 = vae.scale_latents(posterior.sample(rng_z))
+            real = {"z_real": vae.scale_latents(posterior.mode())}
+            tokens = jnp.where(drop, empty[None, :], batch["tokens"])
+            context = conditioning.encode_text(text_model, frozen["text_encoder"], tokens, prompting.pad_id)
+        z0, context = jax.lax.stop_gradient((z0, context))
         hint = hint_fn(labels, frozen)
         gen_params = state["gen"]["params"]
         adv_weight = frozen["lambda_adv"] * ramp(step_no, s.ramp_start, s.ramp_end)
@@ -286,7 +298,7 @@ def make_step(objective: Objective, text_model: CLIPTextTransformer, gen_tx, seg
                 (_, (x_fake, gen_metrics)), gen_grads = jax.value_and_grad(objective.generator_loss, has_aux=True)(
                     gen_params, seg_vars, frozen, mb, adv_weight, rng)
                 x_fake = on_batch_axes(x_fake)
-                x_real = on_batch_axes(objective.decode(frozen["vae"], mb["z_real"]))
+                x_real = on_batch_axes(mb["x_real"] if "x_real" in mb else objective.decode(frozen["vae"], mb["z_real"]))
                 (_, (stats, seg_metrics)), seg_grads = jax.value_and_grad(objective.discriminator_loss,
                                                                           has_aux=True)(
                     seg_params, batch_stats, x_real, x_fake, mb["labels"], mb["weights"])
@@ -294,8 +306,7 @@ def make_step(objective: Objective, text_model: CLIPTextTransformer, gen_tx, seg
 
             # Class balancing from the whole batch's frequencies, as ALDM does per batch.
             weights = segmentation.class_balance_weights(labels, num_classes, ignore, num_classes + 1)
-            lazy_batch = {"z0": z0, "context": context, "hint": hint, "labels": labels, "weights": weights,
-                          "z_real": vae.scale_latents(posterior.mode())}
+            lazy_batch = dict(real, z0=z0, context=context, hint=hint, labels=labels, weights=weights)
             stats, (metrics, gen_grads, seg_grads) = update.scan_micro_batches(
                 lazy_micro, seg_state["batch_stats"], lazy_batch, rng_adv, s.micro_batches)
             updated, opt, _ = update.apply_gradients(seg_tx, seg_state["params"], seg_state["opt"], seg_grads)
@@ -486,6 +497,84 @@ class Setup:
         """The jitted (not yet compiled) step; `settings` replace config.control's (benchmarks)."""
         return make_step(self.objective(settings), self.text_model, self.gen_tx, self.seg_tx, self.hint_fn,
                          self.prompting, shardings, self.mesh)
+
+    def batch_shapes(self, batch_size: int, cached: bool = False) -> dict:
+        """{name: (shape, dtype)} of a training batch; with `cached`, the latent cache's fields replace the image."""
+        size, length = self.size, self.config.text.max_length
+        shapes = {"label": ((batch_size, size, size), jnp.uint8), "tokens": ((batch_size, length), jnp.int32)}
+        if not cached:
+            return dict(shapes, image=((batch_size, size, size, 3), jnp.uint8))
+        latent = (batch_size, self.latent, self.latent, self.vae.config.latent_channels)
+        return dict(shapes, latent_mean=(latent, jnp.float16), latent_logvar=(latent, jnp.float16),
+                    reconstruction=((batch_size, size, size, 3), jnp.uint8),
+                    context=((batch_size, length, self.text_config.hidden_size), jnp.float16))
+
+    # ------------------------------------------------------------------ the latent cache
+    def cache_manifest(self, dataset, vae_params, text_params, shards: int) -> latent_cache.Manifest:
+        """What a latent cache for this run's train split must have been computed from."""
+        digest = hashlib.sha256()
+        for config, params in ((self.vae.config, vae_params), (self.text_config, text_params)):
+            digest.update(repr(config).encode())
+            for leaf in jax.tree.leaves(params):
+                digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        return latent_cache.Manifest(
+            dataset=str(dataset.builder.data_dir), num_examples=len(dataset.source("train")), image_size=self.size,
+            latent_shape=(self.latent, self.latent, self.vae.config.latent_channels),
+            context_shape=(int(self.config.text.max_length), int(self.text_config.hidden_size)),
+            flipped_captions=dataset.spec.flip_caption is not None, models=digest.hexdigest()[:20], shards=shards)
+
+    def cache_encoders(self, compiler_options=None):
+        """Jitted (vae_params, images uint8 [B, H, W, 3]) -> (mean, logvar, reconstruction uint8) and
+        (text_params, tokens [N, L]) -> context [N, L, D]: what the step would compute from an example."""
+        vae, text_model, pad = self.vae, self.text_model, self.prompting.pad_id
+
+        def images(vae_params, pixels):
+            posterior = vae.apply({"params": vae_params}, conditioning.images_to_float(pixels), method=vae.encode)
+            decoded = vae.decode_latents(vae_params, vae.scale_latents(posterior.mode()))
+            reconstruction = jnp.clip((decoded.astype(jnp.float32) + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
+            return posterior.mean, posterior.logvar, reconstruction
+
+        def texts(text_params, tokens):
+            return conditioning.encode_text(text_model, text_params, tokens, pad)
+
+        options = dict(compiler_options or {}) or None
+        return jax.jit(images, compiler_options=options), jax.jit(texts, compiler_options=options)
+
+
+def write_latent_cache(setup: Setup, dataset, directory: str, manifest: latent_cache.Manifest, vae_params,
+                       text_params, shard: int, batch_size: int = 8, compiler_options=None,
+                       log: Callable[[str], None] = lambda message: None) -> None:
+    """Writes shard `shard` of the train split's latent cache (see `sdsup.data.latent_cache`): both orientations
+    of every image, each caption (and its mirror where the dataset flips captions)."""
+    geometry, spec, tok = dataset.geometry, dataset.spec, dataset.tokenizer
+    if not geometry.deterministic:
+        raise ConfigError("control.latent_cache needs training without random crops (data.resize = () and "
+                          "data.resize_mode = 'stretch'): a crop drawn per step has no fixed latents")
+    encode_images, encode_texts = setup.cache_encoders(compiler_options)
+    vae_params, text_params = jax.device_put((vae_params, text_params))  # once, not with every batch
+    source = dataset.source("train")
+    start, stop = latent_cache.shard_range(manifest.num_examples, shard, manifest.shards)
+    writer = latent_cache.ShardWriter(directory, shard, manifest.shards)
+    for first in range(start, stop, batch_size):
+        indices = list(range(first, min(first + batch_size, stop)))
+        records = [source[i] for i in indices]
+        pixels = [geometry.apply(r["image"], r["label"], None)[0] for r in records]
+        pixels = np.stack(pixels + [p[:, ::-1] for p in pixels])  # as stored, then mirrored
+        pad = batch_size * 2 - len(pixels)  # one compiled shape for the last batch too
+        mean, logvar, recon = (np.asarray(a)[:len(pixels)] for a in encode_images(
+            vae_params, np.concatenate([pixels, np.repeat(pixels[-1:], pad, 0)]) if pad else pixels))
+        n = len(records)
+        for j, record in enumerate(records):
+            captions = pipeline.record_captions(record, spec.caption_field)
+            orientations = [captions] + ([[spec.flip_caption(c) for c in captions]] if manifest.flipped_captions
+                                         else [])
+            tokens = np.stack([tok.encode(c) for group in orientations for c in group])
+            context = np.asarray(encode_texts(text_params, tokens)).reshape(len(orientations), len(captions),
+                                                                            *manifest.context_shape)
+            writer.write(latent_cache.encode_record(mean[[j, n + j]], logvar[[j, n + j]], recon[[j, n + j]], context))
+        if (first - start) // batch_size % 50 == 0:
+            log(f"latent cache: {first + n - start} / {stop - start} examples of shard {shard}")
+    writer.close()
 
 
 def _check_same_shapes(expected, given, what: str) -> None:

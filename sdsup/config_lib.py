@@ -94,6 +94,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for axis, size in _get(config, "mesh").items():
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  "must be a positive integer or -1", size)
+    if "control" in stage_names and config.control.get("latent_cache", False):
+        resize = tuple(config.data.get("resize", ()) or ())
+        _require(resize in ((), (size, size)) and config.data.get("resize_mode", "stretch") == "stretch",
+                 "control.latent_cache", "needs training without random crops (data.resize=() and "
+                 "data.resize_mode='stretch'): a crop drawn per step has no fixed latents", True)
     if "control" in stage_names:
         init = config.control.get("discriminator_init", "scratch")
         _require(bool(init), "control.discriminator_init",

@@ -85,6 +85,7 @@ def test_the_papers_recipe_reaches_the_step(dataset, lr, steps, lambda_adv, lamb
     assert config.data.image_size == 512
     assert tuple(config.data.resize) == ((512, 1024) if dataset == "cityscapes" else ())
     assert config.evaluate.full_frame == (dataset == "cityscapes")
+    assert config.control.latent_cache == (dataset != "cityscapes")  # random crops have no fixed latents
     assert isinstance(setup.gen_tx, optax.GradientTransformation)
 
 
@@ -97,6 +98,11 @@ def test_a_real_config_names_what_it_still_needs():
         config_lib.validate(config)
     with pytest.raises(ValueError, match="ade20k"):
         config_lib.load(os.path.join(ROOT, "configs", "aldm.py"), "coco")
+    config = config_lib.load(os.path.join(ROOT, "configs", "aldm.py"), "cityscapes")
+    config.pretrained, config.control.discriminator_init = "/models/sd15", "/models/d"
+    config.control.latent_cache = True
+    with pytest.raises(config_lib.ConfigError, match="control.latent_cache needs training without random crops"):
+        config_lib.validate(config)
 
 
 # ----------------------------------------------------------------------------------- the tiny twin
@@ -232,6 +238,10 @@ def test_the_tiny_twin_runs_every_stage_of_the_real_path(twin):
     done = {s: json.loads((workdir / s / "DONE.json").read_text()) for s in ("vae", "ldm", "control", "evalseg")}
     assert done["vae"]["pretrained"].endswith("sd15/vae") and done["ldm"]["pretrained"].endswith("sd15")
     assert done["control"]["lambda_adv"] == {"ade20k": 0.5, "cityscapes": 0.1, "folder": 0.5}[twin["name"]]
+    # The latent cache where the training geometry allows one (no random crops): computed once, then read.
+    caches = list((workdir / "control" / "latent_cache").glob("*/manifest.json"))
+    assert len(caches) == (0 if twin["name"] == "cityscapes" else 1)
+    assert done["control"]["latent_cache"] == (twin["name"] != "cityscapes")
     if twin["name"] == "folder":  # no CSAIL network for the user's classes: the discriminator pretrains first
         assert (workdir / "discriminator" / "DONE.json").exists() and done["control"]["discriminator_init"] == "stage"
     else:  # the paper's evaluators, imported: CSAIL's UperNet (ADE20K), a DRN (Cityscapes)

@@ -83,6 +83,20 @@ class Geometry:
                      else ((h - self.size) // 2, (w - self.size) // 2))
         return image[top:top + self.size, left:left + self.size], label[top:top + self.size, left:left + self.size]
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether training sees one fixed crop of each example (no random crop): what a latent cache needs."""
+        return self.mode == "stretch" and self.target == (self.size, self.size)
+
+    def label_only(self, label) -> np.ndarray:
+        """The label map as `apply` makes it for a deterministic geometry (the image comes from a latent cache)."""
+        if not self.deterministic:
+            raise ValueError("label_only needs a geometry without random crops")
+        label = decode_label(label)
+        if label.shape != (self.size, self.size):
+            label = np.asarray(Image.fromarray(label).resize((self.size, self.size), Image.Resampling.NEAREST))
+        return label
+
     def _resized_shape(self, shape) -> Tuple[int, int]:
         if self.mode == "stretch":
             return self.target
@@ -114,14 +128,24 @@ def _bytes(value) -> bytes:
     return value.item() if isinstance(value, np.ndarray) else bytes(value)
 
 
-def pick_caption(record: dict, caption_field: str, rng: Optional[np.random.Generator]) -> str:
-    """The record's caption; where it has several (`captions`, a JSON list: COCO's five), one drawn with `rng`
-    (per example and epoch, so a resumed run draws the same), the first without."""
+def pick_caption(record: dict, caption_field: str, rng: Optional[np.random.Generator]) -> Tuple[int, str]:
+    """(index, caption): the record's caption; where it has several (`captions`, a JSON list: COCO's five), one
+    drawn with `rng` (per example and epoch, so a resumed run draws the same), the first without."""
     if "captions" in record:
         captions = json.loads(text(record["captions"]))
         if captions:
-            return str(captions[int(rng.integers(len(captions)))] if rng is not None else captions[0])
-    return text(record[caption_field])
+            index = int(rng.integers(len(captions))) if rng is not None else 0
+            return index, str(captions[index])
+    return 0, text(record[caption_field])
+
+
+def record_captions(record: dict, caption_field: str) -> list:
+    """Every caption of a record, in `pick_caption`'s index order."""
+    if "captions" in record:
+        captions = json.loads(text(record["captions"]))
+        if captions:
+            return [str(c) for c in captions]
+    return [text(record[caption_field])]
 
 
 @dataclasses.dataclass
@@ -140,19 +164,30 @@ class Preprocess(grain.transforms.RandomMap):
 
     def random_map(self, record: dict, rng: Optional[np.random.Generator]) -> dict:
         draw = rng if self.train else None
+        cached = "latent_mean" in record  # a `latent_cache.CachedSource` record: no image to decode
         image, label = record["image"], record["label"]
         if self.geometry is not None:
-            image, label = self.geometry.apply(image, label, draw, crop=self.train or not self.full_frame)
-        caption = pick_caption(record, self.caption_field, draw)
-        if self.flip and rng.random() < 0.5:
-            image, label = image[:, ::-1], label[:, ::-1]
+            if cached:
+                label = self.geometry.label_only(label)
+            else:
+                image, label = self.geometry.apply(image, label, draw, crop=self.train or not self.full_frame)
+        caption_index, caption = pick_caption(record, self.caption_field, draw)
+        flipped = bool(self.flip and rng.random() < 0.5)
+        if flipped:
+            label = label[:, ::-1]
+            image = image if cached else image[:, ::-1]
             if self.flip_caption is not None:
                 caption = self.flip_caption(caption)
-        out = {
-            "image": np.ascontiguousarray(image),
-            "label": np.ascontiguousarray(label),
-            "tokens": self.tokenizer.encode(caption),
-        }
+        out = {"label": np.ascontiguousarray(label), "tokens": self.tokenizer.encode(caption)}
+        if cached:
+            # The cache holds both orientations of the image (and of the captions, where flipping changes them).
+            out["latent_mean"] = record["latent_mean"][int(flipped)]
+            out["latent_logvar"] = record["latent_logvar"][int(flipped)]
+            out["reconstruction"] = record["reconstruction"][int(flipped)]
+            contexts = record["context"]
+            out["context"] = contexts[min(int(flipped), len(contexts) - 1), caption_index]
+        else:
+            out["image"] = np.ascontiguousarray(image)
         if self.keep_metadata:
             out["caption"] = caption
             out["index"] = np.int64(record.get("index", -1))

@@ -86,23 +86,25 @@ def data_seed(ctx: Context, name: str) -> int:
 
 
 def train_batches(ctx: Context, seed: int, data_state: Optional[dict] = None,
-                  global_batch_size: Optional[int] = None) -> parallel.DevicePrefetch:
-    """Global training batches on the mesh, resumable from `data_state`."""
+                  global_batch_size: Optional[int] = None, source=None) -> parallel.DevicePrefetch:
+    """Global training batches on the mesh, resumable from `data_state`; from `source` (e.g. a
+    `latent_cache.CachedSource`) instead of the train split's records where given."""
     inp = ctx.config.input
     ds = ctx.dataset.train_dataset(global_batch_size=global_batch_size or inp.batch_size, seed=seed, flip=inp.flip,
                                    num_threads=inp.num_threads, prefetch=inp.prefetch,
-                                   num_workers=inp.get("num_workers", 0))
+                                   num_workers=inp.get("num_workers", 0), source=source)
     it = iter(ds)
     if data_state:
         it.set_state(data_state)
     return parallel.DevicePrefetch(it, ctx.mesh, inp.device_prefetch)
 
 
-def abstract_batch(ctx: Context, batch_size: int) -> dict:
-    """Shapes, dtypes and shardings of a training batch, for ahead-of-time compiles."""
+def abstract_batch(ctx: Context, batch_size: int, shapes: Optional[dict] = None) -> dict:
+    """Shapes, dtypes and shardings of a training batch, for ahead-of-time compiles; `shapes` ({name: (shape,
+    dtype)}) replaces the default image / label / tokens."""
     s, length = ctx.config.data.image_size, ctx.config.text.max_length
-    shapes = {"image": ((batch_size, s, s, 3), jnp.uint8), "label": ((batch_size, s, s), jnp.uint8),
-              "tokens": ((batch_size, length), jnp.int32)}
+    shapes = shapes or {"image": ((batch_size, s, s, 3), jnp.uint8), "label": ((batch_size, s, s), jnp.uint8),
+                        "tokens": ((batch_size, length), jnp.int32)}
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(ctx.mesh, len(shape)))
             for k, (shape, dtype) in shapes.items()}
 
@@ -116,7 +118,8 @@ def jit(fn: Callable, ctx: Context, **kwargs) -> Callable:
     return jax.jit(fn, compiler_options=compiler_options(ctx) or None, **kwargs)
 
 
-def compile_step(step: Callable, state: Any, ctx: Context, batch_size: int, *frozen: Any):
+def compile_step(step: Callable, state: Any, ctx: Context, batch_size: int, *frozen: Any,
+                 batch_shapes: Optional[dict] = None):
     """The step compiled ahead of time (`.lower(...).compile()`) for this mesh.
 
     `step(state, batch, rng, *frozen)`; the frozen inputs (weights of models
@@ -131,7 +134,7 @@ def compile_step(step: Callable, state: Any, ctx: Context, batch_size: int, *fro
     start = time.perf_counter()
     if isinstance(state, sharding.PendingState):
         state = state.abstract
-    compiled = step.lower(state, abstract_batch(ctx, batch_size), rng, *frozen).compile(
+    compiled = step.lower(state, abstract_batch(ctx, batch_size, batch_shapes), rng, *frozen).compile(
         compiler_options=compiler_options(ctx) or None)
     seconds = time.perf_counter() - start
     logging.info("train step compiled in %.1f s", seconds)
@@ -195,7 +198,7 @@ def create_state(ctx: Context, name: str, init: Callable, finish: Optional[Calla
 
 
 def train(ctx: Context, name: str, cfg, state: Any, shardings: Any, step_fn: Callable,
-          pictures: Optional[Callable] = None, learning_rates: Optional[dict] = None):
+          pictures: Optional[Callable] = None, learning_rates: Optional[dict] = None, source=None):
     """Runs the shared loop for stage `name` with its config section `cfg`.
 
     The data order and the step rngs come from the stage's own streams
@@ -206,7 +209,8 @@ def train(ctx: Context, name: str, cfg, state: Any, shardings: Any, step_fn: Cal
     """
     state = sharding.resolve(state)
     seed = data_seed(ctx, name)
-    batches = lambda data_state: train_batches(ctx, seed=seed, data_state=data_state, global_batch_size=cfg.batch_size)
+    batches = lambda data_state: train_batches(ctx, seed=seed, data_state=data_state, global_batch_size=cfg.batch_size,
+                                               source=source)
     return loop.run(
         name=name, stage_dir=ctx.stage_dir(name), state=state, shardings=shardings, step_fn=step_fn,
         make_batches=batches, rng=stage_key(ctx, name, STEPS), num_steps=cfg.num_steps,

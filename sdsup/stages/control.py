@@ -15,8 +15,11 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
 from sdsup import aldm, conditioning, pipelines, viz
+from sdsup.data import latent_cache
 from sdsup.errors import ConfigError
 from sdsup.models.clip_text import CLIPTextTransformer
 from sdsup.stages import common
@@ -73,15 +76,17 @@ def run(ctx: common.Context) -> dict:
 
     after_warm_up = common.warm_up("control: sampler", lambda: sample_grid(
         ctx, with_generator(common.zeros_like_abstract(state.abstract["gen"]["ema"]))))
+    source = latent_cache_source(ctx, setup, vae_params, text_params) if cfg.get("latent_cache", False) else None
     frozen = setup.frozen(ctx.mesh, unet_params, vae_params, text_params)
-    compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen)
+    compiled = common.compile_step(setup.step(shardings), state, ctx, cfg.batch_size, frozen,
+                                   batch_shapes=setup.batch_shapes(cfg.batch_size, cached=source is not None))
 
     @after_warm_up
     def pictures(step, state):
         return sample_grid(ctx, with_generator(sharding.host_copy(state["gen"]["ema"])))
 
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, learning_rates=setup.learning_rates(),
-                         pictures=pictures)
+                         pictures=pictures, source=source)
 
     ema = sharding.host_copy(state["gen"]["ema"])
     seg_vars = sharding.host_copy({"params": state["seg"]["params"], "batch_stats": state["seg"]["batch_stats"]})
@@ -92,8 +97,30 @@ def run(ctx: common.Context) -> dict:
         with common.timed("control: sample grid"):
             viz.save_png(after_warm_up(sample_grid)(ctx, final), os.path.join(out, "samples.png"))
     return {"steps": cfg.num_steps, "lambda_adv": cfg.lambda_adv, "layout_encoding": cfg.layout_encoding,
+            "latent_cache": source is not None,
             "discriminator_init": cfg.get("discriminator_init", "scratch"),
             "unet_trainable": list(setup.trainable_unet_names())}
+
+
+def latent_cache_source(ctx: common.Context, setup: aldm.Setup, vae_params, text_params):
+    """The train split with its latent cache (`control.latent_cache`), computed first if this run has none.
+
+    The cache lives in WORKDIR/control/latent_cache/<fingerprint of the dataset, the VAE and the text encoder>;
+    each process writes its shard (the workdir is on a filesystem every process sees), process 0 then the
+    manifest. A cache of other models or data is never reused, and never deleted.
+    """
+    manifest = setup.cache_manifest(ctx.dataset, vae_params, text_params, shards=jax.process_count())
+    directory = os.path.join(ctx.stage_dir(NAME), "latent_cache", manifest.models)
+    if latent_cache.read_manifest(directory) != manifest:
+        with common.timed(f"control: latent cache of {manifest.num_examples} examples"):
+            aldm.write_latent_cache(setup, ctx.dataset, directory, manifest, vae_params, text_params,
+                                    shard=jax.process_index(), compiler_options=common.compiler_options(ctx),
+                                    log=logging.info)
+        multihost_utils.sync_global_devices("latent cache shards written")
+        if jax.process_index() == 0:
+            latent_cache.write_manifest(directory, manifest)
+        multihost_utils.sync_global_devices("latent cache complete")
+    return latent_cache.CachedSource(ctx.dataset.source("train"), directory, manifest)
 
 
 def sample_grid(ctx: common.Context, models: pipelines.ImageModels, num: int = common.GRID_ROWS) -> np.ndarray:
