@@ -1,4 +1,4 @@
-"""python -m sdsup.convert {import,export,csail,drn}: pretrained weights <-> sdsup model directories.
+"""python -m sdsup.convert {import,export,csail,drn,upernet}: pretrained weights <-> sdsup model directories.
 
   python -m sdsup.convert import --pretrained=DIFFUSERS_DIR --out=OUT
       DIFFUSERS_DIR: a diffusers pipeline directory (model_index.json, unet/,
@@ -30,6 +30,11 @@
       with; torch.load(weights_only=True)) -> an sdsup segmenter directory
       for --config.evalseg.pretrained=OUT.
 
+  python -m sdsup.convert upernet --pretrained=upernet-convnext-small --out=OUT
+      a local transformers UperNetForSemanticSegmentation (ResNet or ConvNeXt
+      backbone; safetensors) -> an sdsup segmenter directory: an alternative
+      evaluator for --config.evalseg.pretrained=OUT.
+
 Errors are printed as one line, `error: ...`, with exit status 1; set
 SDSUP_DEBUG=1 to get tracebacks instead.
 """
@@ -46,7 +51,7 @@ from typing import Optional
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from sdsup.convert import csail, drn, exporter, importer  # noqa: E402
+from sdsup.convert import csail, drn, exporter, importer, segmenter  # noqa: E402
 from sdsup.cli import run_argparse  # noqa: E402
 
 
@@ -57,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                     "CSAIL (mit_semseg) UperNet segmenter weights.",
         epilog="See `python -m sdsup.convert import --help`, `... export --help` and `... csail --help`.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{import,export,csail,drn}")
+    sub = parser.add_subparsers(dest="command", metavar="{import,export,csail,drn,upernet}")
     sub.required = True
 
     imp = sub.add_parser(
@@ -113,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     net.add_argument("--checkpoint", required=True, metavar="FILE", help="DRNSeg state dict or checkpoint (.pth)")
     net.add_argument("--out", required=True, metavar="OUT", help="sdsup model directory to write")
     net.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+
+    upernet = sub.add_parser(
+        "upernet", help="transformers UperNetForSemanticSegmentation directory -> sdsup segmenter directory",
+        description="Convert a local transformers UperNet (ResNet or ConvNeXt backbone, saved with save_pretrained; "
+                    "e.g. a copy of openmmlab/upernet-convnext-small, ADE20K's 150 classes) into an sdsup segmenter "
+                    "directory: an alternative image-mIoU evaluator for --config.evalseg.pretrained.")
+    upernet.add_argument("--pretrained", required=True, metavar="DIR", help="config.json + model.safetensors")
+    upernet.add_argument("--out", required=True, metavar="OUT", help="sdsup model directory to write")
+    upernet.add_argument("--image_mean", default=None, metavar="R,G,B",
+                         help="normalisation of [0, 1] pixels (default: preprocessor_config.json, else ImageNet)")
+    upernet.add_argument("--image_std", default=None, metavar="R,G,B", help="as --image_mean")
+    upernet.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
     return parser
 
 
@@ -143,6 +160,11 @@ def run(argv) -> int:
                                overwrite=args.overwrite, log=_log)
         print(f"imported CSAIL UperNet ({config.num_classes} outputs{', last: fake' if args.fake_class else ''}) "
               f"into {args.out}")
+    elif args.command == "upernet":
+        config = segmenter.convert(args.pretrained, args.out, image_mean=_rgb(parser, "image_mean", args.image_mean, None),
+                                   image_std=_rgb(parser, "image_std", args.image_std, None),
+                                   overwrite=args.overwrite, log=_log)
+        print(f"imported UperNet-{config.backbone} segmenter ({config.num_classes} classes) into {args.out}")
     elif args.command == "drn":
         config = drn.convert(args.checkpoint, args.out, overwrite=args.overwrite, log=_log)
         print(f"imported DRN-{config.arch} segmenter ({config.num_classes} classes) into {args.out}")

@@ -1,4 +1,4 @@
-"""UperNet semantic segmenter with a ResNet backbone (ALDM's discriminator and evaluator).
+"""UperNet semantic segmenter with a ResNet or ConvNeXt backbone (ALDM's discriminator and evaluator).
 
 Two roles share this architecture:
 
@@ -16,7 +16,16 @@ operation so that weights convert both ways and outputs agree to float32
 rounding:
 
 * "transformers": transformers' `UperNetForSemanticSegmentation` with a
-  `ResNetBackbone` (`sdsup/convert/segmenter.py`).
+  `ResNetBackbone` (`backbone="resnet"`) or a `ConvNextBackbone`
+  (`backbone="convnext"`, the openmmlab/upernet-convnext-* ADE20K
+  evaluators), converted by `sdsup/convert/segmenter.py`. ConvNeXt: a
+  patchify stem (p x p conv, stride p, + LayerNorm), per stage a downsampling
+  layer (LayerNorm + 2x2/2 conv; not before the first stage) and blocks
+  (7x7 depthwise conv, LayerNorm, Linear to 4x, exact-erf GELU, Linear back,
+  per-channel layer scale, residual; drop path is a training-only identity
+  here), and one LayerNorm per out_feature on the features the head reads
+  (transformers' `hidden_states_norms`). Every LayerNorm has eps 1e-6 and
+  normalises over channels, in float32.
 * "csail": the CSAIL semantic-segmentation project's (`mit_semseg`) `Resnet`
   encoder + `UPerNet` decoder, the network ALDM's discriminator and ADE20K
   evaluator load from `encoder_epoch_50.pth` / `decoder_epoch_50.pth`
@@ -56,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup.models.partitioning import BIAS, CONV_KERNEL, NORM_PARAM, with_axes
+from sdsup.models.partitioning import BIAS, CONV_KERNEL, DENSE_KERNEL, NORM_PARAM, with_axes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,6 +76,14 @@ BN_MOMENTUM = 0.1
 # mit_semseg's SynchronizedBatchNorm2d: eps 1e-5, momentum 0.001 (torch convention).
 CSAIL_BN_MOMENTUM = 0.001
 STYLES = ("transformers", "csail")
+# style="transformers" backbones: transformers' ResNetBackbone / ConvNextBackbone.
+BACKBONES = ("resnet", "convnext")
+# ConvNeXt's LayerNorms (ConvNextLayerNorm's default; its config's layer_norm_eps is only ConvNextModel's pooler norm).
+CONVNEXT_LN_EPS = 1e-6
+# ConvNeXt blocks: 7x7 depthwise conv, MLP expanding 4x; downsampling layers: 2x2 conv, stride 2.
+CONVNEXT_DW_KERNEL = 7
+CONVNEXT_MLP_RATIO = 4
+CONVNEXT_DOWNSAMPLE = 2
 # transformers' UperNetFCNHead always reads the third backbone feature.
 AUX_IN_INDEX = 2
 LAYER_TYPES = ("basic", "bottleneck")
@@ -91,19 +108,35 @@ class SegmenterConfig:
     the pyramid branches and `head_channels` as the FPN width; the
     transformers-only fields (embedding_size, downsample_*, out_features,
     the auxiliary head) must keep their defaults, and vice versa.
+
+    `backbone="convnext"` (style "transformers" only) is transformers'
+    ConvNextBackbone: `hidden_sizes`, `depths`, `patch_size` and
+    `layer_scale_init_value` describe it; the ResNet-only fields
+    (embedding_size, layer_type, downsample_*) must keep their defaults, and
+    a ResNet leaves the ConvNeXt-only ones (patch_size,
+    layer_scale_init_value) at theirs. Its "stem" feature (the patchify
+    output) has hidden_sizes[0] channels.
     """
 
     num_classes: int = 150
     # "transformers" or "csail" (see the module docstring).
     style: str = "transformers"
+    # style="transformers": "resnet" or "convnext" (transformers' ResNetBackbone / ConvNextBackbone).
+    backbone: str = "resnet"
     # ResNet backbone (transformers' ResNetConfig); the stem is one 7x7/2 conv,
     # BN, ReLU and a 3x3/2 max pool (style="csail": see stem_channels).
     embedding_size: int = 64
+    # Stage widths and depths (ResNet or ConvNeXt).
     hidden_sizes: Tuple[int, ...] = (256, 512, 1024, 2048)
     depths: Tuple[int, ...] = (3, 4, 6, 3)
     layer_type: str = "bottleneck"
     downsample_in_first_stage: bool = False
     downsample_in_bottleneck: bool = False
+    # ConvNeXt backbone (transformers' ConvNextConfig): the stem's patch size
+    # and the blocks' layer-scale initial value (0: blocks have no layer scale,
+    # as transformers builds them for a value <= 0).
+    patch_size: int = 4
+    layer_scale_init_value: float = 1e-6
     # Backbone outputs fed to the head, from "stem", "stage1", ...; None means
     # every stage (transformers' UperNet default).
     out_features: Optional[Tuple[str, ...]] = None
@@ -132,12 +165,15 @@ class SegmenterConfig:
         self._check_style()
         if self.layer_type not in LAYER_TYPES:
             raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {self.layer_type!r}")
+        if min(self.hidden_sizes, default=1) < 1:
+            raise ValueError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
         if len(self.depths) != len(self.hidden_sizes) or not self.depths:
             raise ValueError(f"depths {self.depths} and hidden_sizes {self.hidden_sizes} must be non-empty and of equal length")
         if min(self.depths) < 1:
             # transformers silently builds one block for depth 0; refuse instead.
             raise ValueError(f"every depth must be >= 1, got {self.depths}")
-        if self.layer_type == "bottleneck" and min(self.hidden_sizes) < BOTTLENECK_REDUCTION:
+        if (self.backbone == "resnet" and self.layer_type == "bottleneck"
+                and min(self.hidden_sizes) < BOTTLENECK_REDUCTION):
             raise ValueError(f"bottleneck hidden sizes must be >= {BOTTLENECK_REDUCTION}, got {self.hidden_sizes}")
         unknown = [f for f in self.feature_stages if f not in self.stage_names]
         if unknown or not self.feature_stages:
@@ -166,19 +202,34 @@ class SegmenterConfig:
         """The fields of the other style must keep their defaults (a set value would be silently ignored)."""
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        convnext_only = ("patch_size", "layer_scale_init_value")
+        fields = {f.name: f.default for f in dataclasses.fields(self)}
+
+        def check_unused(unused, who):
+            changed = [n for n in unused if getattr(self, n) != fields[n]]
+            if changed:
+                raise ValueError(f"{who} does not use {changed}; leave them at their defaults")
+
         if self.style == "csail":
-            unused = ("embedding_size", "downsample_in_first_stage", "downsample_in_bottleneck", "out_features",
-                      "use_auxiliary_head", "auxiliary_channels", "auxiliary_num_convs", "auxiliary_concat_input",
-                      "auxiliary_in_channels")
+            unused = ("backbone", "embedding_size", "downsample_in_first_stage", "downsample_in_bottleneck",
+                      "out_features", "use_auxiliary_head", "auxiliary_channels", "auxiliary_num_convs",
+                      "auxiliary_concat_input", "auxiliary_in_channels") + convnext_only
             if not self.stem_channels or min(self.stem_channels) < 1 or self.ppm_channels < 1:
                 raise ValueError(f"style='csail' needs positive stem_channels and ppm_channels, got "
                                  f"{self.stem_channels} and {self.ppm_channels}")
         else:
             unused = ("stem_channels", "ppm_channels")
-        fields = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = [n for n in unused if getattr(self, n) != fields[n]]
-        if changed:
-            raise ValueError(f"style={self.style!r} does not use {changed}; leave them at their defaults")
+        check_unused(unused, f"style={self.style!r}")
+        if self.backbone == "convnext":
+            check_unused(("embedding_size", "layer_type", "downsample_in_first_stage", "downsample_in_bottleneck"),
+                         "backbone='convnext'")
+            if self.patch_size < 1 or not self.layer_scale_init_value >= 0:
+                raise ValueError(f"backbone='convnext' needs patch_size >= 1 and layer_scale_init_value >= 0, got "
+                                 f"{self.patch_size} and {self.layer_scale_init_value}")
+        elif self.style != "csail":
+            check_unused(convnext_only, "backbone='resnet'")
 
     @property
     def bn_momentum(self) -> float:
@@ -191,6 +242,8 @@ class SegmenterConfig:
 
     @property
     def stage_channels(self) -> Tuple[int, ...]:
+        if self.backbone == "convnext":
+            return (self.hidden_sizes[0],) + self.hidden_sizes
         stem = self.stem_channels[-1] if self.style == "csail" else self.embedding_size
         return (stem,) + self.hidden_sizes
 
@@ -207,7 +260,7 @@ class SegmenterConfig:
         return tuple(self.stage_channels[i] for i in self.feature_indices)
 
     def stage_stride(self, stage: int) -> int:
-        """Stride of the first block of `stage` (0-based)."""
+        """Stride of the first block of `stage` (0-based), for a ResNet."""
         return 2 if stage > 0 or self.downsample_in_first_stage else 1
 
     def with_fake_class(self) -> "SegmenterConfig":
@@ -450,6 +503,118 @@ class ResNetBackbone(nn.Module):
         return tuple(hidden)
 
 
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last (channel) axis, statistics in float32 whatever the compute dtype.
+
+    Parameters `scale` / `bias` (torch weight / bias). Two-pass biased
+    variance, as torch. NHWC inputs make this ConvNeXt's channels-first and
+    channels-last LayerNorm alike.
+    """
+
+    eps: float = CONVNEXT_LN_EPS
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", with_axes(nn.initializers.ones, NORM_PARAM), (c,), self.param_dtype)
+        bias = self.param("bias", with_axes(nn.initializers.zeros, NORM_PARAM), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, -1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# transformers initialises ConvNeXt's convs and linears with N(0, initializer_range = 0.02), biases 0.
+_CONVNEXT_INIT = nn.initializers.normal(0.02)
+
+
+def _convnext_conv(features: int, kernel: int, stride: int, padding: int, groups: int = 1, name: Optional[str] = None,
+                   dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
+        use_bias=True,
+        kernel_init=with_axes(_CONVNEXT_INIT, CONV_KERNEL),
+        bias_init=with_axes(nn.initializers.zeros, BIAS),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class ConvNextBlock(nn.Module):
+    """transformers' ConvNextLayer in eval mode (drop path is the identity).
+
+    x + layer_scale * pwconv2(gelu(pwconv1(norm(dwconv(x))))); GELU is the
+    exact (erf) one, as transformers' "gelu". Without layer scale
+    (`layer_scale_init_value` 0) the branch is added unscaled.
+    """
+
+    layer_scale_init_value: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train  # no batch statistics; drop path (training-only) is not implemented
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = x.shape[-1]
+        h = _convnext_conv(c, CONVNEXT_DW_KERNEL, 1, CONVNEXT_DW_KERNEL // 2, groups=c, name="dwconv", **kw)(x)
+        h = LayerNorm(name="norm", **kw)(h)
+        dense = lambda n, name: nn.Dense(n, kernel_init=with_axes(_CONVNEXT_INIT, DENSE_KERNEL),  # noqa: E731
+                                         bias_init=with_axes(nn.initializers.zeros, BIAS), name=name, **kw)
+        h = dense(CONVNEXT_MLP_RATIO * c, "pwconv1")(h)
+        h = nn.gelu(h, approximate=False)
+        h = dense(c, "pwconv2")(h)
+        if self.layer_scale_init_value > 0:
+            gamma = self.param("layer_scale", with_axes(nn.initializers.constant(self.layer_scale_init_value),
+                                                        NORM_PARAM), (c,), self.param_dtype)
+            h = gamma.astype(h.dtype) * h
+        return x + h
+
+
+class ConvNextBackbone(nn.Module):
+    """transformers' ConvNextBackbone.
+
+    Returns (hidden, features): `hidden` every stage's raw output (stem =
+    patchify conv + LayerNorm, stage1, ..., stageK; transformers'
+    `hidden_states`), `features` the `out_features` ones each through its own
+    LayerNorm (`norm_{stage}`; transformers' `feature_maps`), what the heads read.
+    """
+
+    config: SegmenterConfig
+    remat: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        p = cfg.patch_size
+        x = _convnext_conv(cfg.hidden_sizes[0], p, p, 0, name="embedder_conv", **kw)(x)
+        x = LayerNorm(name="embedder_norm", **kw)(x)
+        hidden = [x]
+        for i, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
+            if i > 0:
+                # transformers also downsamples where the width does not change (stride 2 > 1).
+                x = LayerNorm(name=f"stage_{i}_downsample_norm", **kw)(x)
+                x = _convnext_conv(width, CONVNEXT_DOWNSAMPLE, CONVNEXT_DOWNSAMPLE, 0,
+                                   name=f"stage_{i}_downsample_conv", **kw)(x)
+            for j in range(depth):
+                x = _remat(ConvNextBlock, self.remat)(cfg.layer_scale_init_value, name=f"stage_{i}_block_{j}",
+                                                      **kw)(x, train)
+            hidden.append(x)
+        features = tuple(LayerNorm(name=f"norm_{cfg.stage_names[k]}", **kw)(hidden[k]) for k in cfg.feature_indices)
+        return tuple(hidden), features
+
+
 class UperNetHead(nn.Module):
     """Pyramid pooling on the last feature + FPN over the others, fused, then a 1x1 classifier."""
 
@@ -566,7 +731,7 @@ class FCNHead(nn.Module):
 
 
 class UperNetSegmenter(nn.Module):
-    """UperNet + ResNet segmenter on images in [-1, 1] (either `config.style`).
+    """UperNet + ResNet / ConvNeXt segmenter on images in [-1, 1] (either `config.style`).
 
     `__call__(images, train)` returns float32 logits [B, H, W, num_classes] at
     the input resolution. For a discriminator, `num_classes = N + 1` and the
@@ -587,7 +752,10 @@ class UperNetSegmenter(nn.Module):
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.backbone = ResNetBackbone(cfg, self.remat, **kw)
+        if cfg.backbone == "convnext":
+            self.backbone = ConvNextBackbone(cfg, self.remat, **kw)
+        else:
+            self.backbone = ResNetBackbone(cfg, self.remat, **kw)
         if cfg.style == "csail":
             self.decode_head = _remat(CsailUperNetHead, self.remat)(
                 cfg.head_channels, cfg.ppm_channels, cfg.pool_scales, cfg.num_classes, bn_momentum=cfg.bn_momentum,
@@ -618,8 +786,7 @@ class UperNetSegmenter(nn.Module):
             raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
         cfg = self.config
         size = images.shape[1:3]
-        hidden = self.backbone(self.normalize(images), train)
-        features = [hidden[i] for i in cfg.feature_indices]
+        _, features = self._backbone(images, train)
         logits = resize_bilinear(self.decode_head(features, train).astype(jnp.float32), size)
         aux = None
         if cfg.use_auxiliary_head:
@@ -630,6 +797,13 @@ class UperNetSegmenter(nn.Module):
             return logits, aux
         return logits
 
+    def _backbone(self, images: jax.Array, train: bool):
+        """(hidden, features): every stage's raw output, and the out_features the heads read."""
+        out = self.backbone(self.normalize(images), train)
+        if self.config.backbone == "convnext":
+            return out
+        return out, [out[i] for i in self.config.feature_indices]
+
     def pooled_features(self, images: jax.Array, train: bool = False, all_stages: bool = False) -> jax.Array:
         """Global-average-pooled backbone features, float32.
 
@@ -637,9 +811,12 @@ class UperNetSegmenter(nn.Module):
         `pooler_output` (flattened). With `all_stages`, every stage's pooled
         output concatenated [B, sum(hidden_sizes)]: textures (early stages) as
         well as content (late ones), what the segmenter-feature FID compares.
+        For a ConvNeXt these are the stages' raw outputs (the backbone's
+        `hidden_states`, before the per-feature LayerNorms and without
+        ConvNextModel's pooler LayerNorm, which UperNet checkpoints lack).
         Apply with `method=UperNetSegmenter.pooled_features`.
         """
-        hidden = self.backbone(self.normalize(images), train)
+        hidden, _ = self._backbone(images, train)
         if all_stages:
             return jnp.concatenate([jnp.mean(h.astype(jnp.float32), axis=(1, 2)) for h in hidden[1:]], -1)
         return jnp.mean(hidden[-1].astype(jnp.float32), axis=(1, 2))

@@ -376,8 +376,8 @@ def test_invalid_configs_raise():
         SegmenterConfig(out_features=("stage2", "stage1"))
     with pytest.raises(ValueError, match="auxiliary head reads"):
         SegmenterConfig(depths=(1, 1), hidden_sizes=(8, 16), use_auxiliary_head=True)
-    with pytest.raises(ValueError, match="only ResNet"):
-        segmenter_config_from_transformers({"model_type": "upernet", "backbone_config": {"model_type": "convnext"}})
+    with pytest.raises(ValueError, match="only ResNet and ConvNeXt"):
+        segmenter_config_from_transformers({"model_type": "upernet", "backbone_config": {"model_type": "swin"}})
 
 
 def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
