@@ -181,6 +181,7 @@ def get_config(arg: str = "ade20k"):
   c.evaluate.split = "validation"  # the real datasets' test labels are not public
   c.evaluate.examples = 2000 if name == "ade20k" else 500
   c.evaluate.full_frame = name == "cityscapes"
+  c.evaluate.fid_resize = "clean"  # ALDM computed FID with clean-fid
   c.preview_examples = 8
 
   if size == "tiny":

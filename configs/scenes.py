@@ -291,6 +291,9 @@ def get_config(arg: str = ""):
   # sdsup Inception dir (python -m sdsup.convert.inception) for the standard FID; the scenes use the
   # evaluation segmenter's features instead (no pretrained Inception is shipped).
   c.evaluate.inception_dir = config_dict.placeholder(str)
+  # How images are resized to Inception's 299: "pytorch_fid" (bilinear, no antialiasing) or "clean" (clean-fid's
+  # antialiased bicubic, which ALDM's paper used).
+  c.evaluate.fid_resize = "pytorch_fid"
   c.evaluate.variants = ()  # () = every variant the finished stages allow
   # Whole resized frames (data.resize) instead of centred image_size crops: ALDM's Cityscapes protocol (512x1024).
   c.evaluate.full_frame = False

@@ -94,6 +94,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for axis, size in _get(config, "mesh").items():
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  "must be a positive integer or -1", size)
+    if "evaluate" in config:
+        _require(config.evaluate.get("fid_resize", "pytorch_fid") in ("pytorch_fid", "clean"), "evaluate.fid_resize",
+                 "must be 'pytorch_fid' or 'clean'", config.evaluate.get("fid_resize"))
     if "control" in stage_names and config.control.get("latent_cache", False):
         resize = tuple(config.data.get("resize", ()) or ())
         _require(resize in ((), (size, size)) and config.data.get("resize_mode", "stretch") == "stretch",

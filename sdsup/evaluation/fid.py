@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Optional, Tuple, Union
 
 import jax
 import numpy as np
+from PIL import Image
 from scipy import linalg
 
 from sdsup.errors import SdsupError
@@ -346,19 +347,47 @@ class FeatureExtractor:
         return stats
 
 
-def inception_extractor(model_dir: str, batch_size: int = 50) -> FeatureExtractor:
+# How images reach Inception's 299x299: pytorch-fid's torch bilinear resize, or clean-fid's "clean" mode.
+RESIZES = ("pytorch_fid", "clean")
+
+
+def inception_extractor(model_dir: str, batch_size: int = 50, resize: str = "pytorch_fid") -> FeatureExtractor:
     """FID's standard features: pool3 of the Inception in an sdsup model directory (`sdsup.convert.inception`)."""
     kind, config, variables, _ = model_io.load(model_dir)
     if kind != "inception":
         raise FIDError(f"{model_dir} holds a {kind!r} model, not an Inception (convert one with "
                        "python -m sdsup.convert.inception)")
-    return inception_extractor_from_variables(config, variables, batch_size, name=f"inception-{config.variant}")
+    return inception_extractor_from_variables(config, variables, batch_size, name=f"inception-{config.variant}",
+                                              resize=resize)
 
 
-def inception_extractor_from_variables(config, variables, batch_size: int = 50,
-                                       name: str = "inception") -> FeatureExtractor:
-    """As `inception_extractor`, from an InceptionConfig and its {params, batch_stats}."""
+def clean_resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, size, size, 3] in 0..255 as clean-fid's "clean" mode resizes: each
+    channel as a float32 PIL image, bicubic with PIL's antialiasing, clipped to [0, 255] (Parmar et al., "On
+    Aliased Resizing and Surprising Subtleties in GAN Evaluation", CVPR 2022)."""
+    out = np.empty((images.shape[0], size, size, 3), np.float32)
+    for i, image in enumerate(np.asarray(images)):
+        for c in range(3):
+            channel = Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
+            out[i, :, :, c] = np.asarray(channel.resize((size, size), resample=Image.Resampling.BICUBIC))
+    return np.clip(out, 0.0, 255.0)
+
+
+def inception_extractor_from_variables(config, variables, batch_size: int = 50, name: str = "inception",
+                                       resize: str = "pytorch_fid") -> FeatureExtractor:
+    """As `inception_extractor`, from an InceptionConfig and its {params, batch_stats}.
+
+    `resize="pytorch_fid"`: x / 255, torch's bilinear resize without antialiasing, 2x - 1 (inside the jitted
+    function). `resize="clean"`: clean-fid's antialiased bicubic resize on the host (`clean_resize`), then the
+    TF Inception graph's own input scaling, (x - 128) / 128, as clean-fid feeds it.
+    """
+    if resize not in RESIZES:
+        raise FIDError(f"unknown FID resize {resize!r}; expected one of {RESIZES}")
     model = InceptionV3(config)
     variables = jax.device_put(variables)
+    if resize == "clean":
+        apply = jax.jit(lambda v, x: model.apply(v, (x - 128.0) / 128.0))
+        return FeatureExtractor(lambda u8: apply(variables, clean_resize(u8, config.image_size)),
+                                batch_size=batch_size, name=f"{name}-clean")
     apply = jax.jit(lambda v, u8: model.apply(v, preprocess(u8, config.image_size)))
     return FeatureExtractor(lambda u8: apply(variables, u8), batch_size=batch_size, name=name)

@@ -37,11 +37,11 @@ def sample_rows(rows: Sequence[dict]) -> list:
     return [{"caption": r["caption"], "panels": [r["layout"], r["image"], r["real"]]} for r in rows]
 
 
-def inception_extractor(inception_dir: Optional[str]):
+def inception_extractor(inception_dir: Optional[str], resize: str = "pytorch_fid"):
     """The standard FID feature network from a converted pytorch-fid file, or None (segmenter-feature FID only)."""
     if not inception_dir:
         return None
-    return fid.inception_extractor(inception_dir, batch_size=32)
+    return fid.inception_extractor(inception_dir, batch_size=32, resize=resize)
 
 
 def evaluate_workdir(workdir: Workdir, config, dataset: Dataset, settings: pipelines.Settings,
@@ -69,7 +69,7 @@ def evaluate_workdir(workdir: Workdir, config, dataset: Dataset, settings: pipel
     if missing:
         raise images.EvaluationError(f"variants {missing} need stages this workdir has not finished (available: {allowed})")
     scorer = clip_score.ClipScorer.from_config_path(clip_dir)
-    inception = inception_extractor(inception_dir or cfg.get("inception_dir"))
+    inception = inception_extractor(inception_dir or cfg.get("inception_dir"), cfg.get("fid_resize", "pytorch_fid"))
     metrics = {"images/real/miou": evaluator.real_image_miou(split, num_examples)}
     metrics["images/clip_skipped"] = float(scorer is None)
     out = workdir.stage_dir("evaluation", create=True)

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.numpy import load_file
 
 from sdsup.convert import inception as conv
@@ -320,6 +321,28 @@ def test_inception_extractor_end_to_end(refs, tmp_path):
     model_io.save(str(tmp_path / "segmenter"), "segmenter", SegmenterConfig(), {"params": {"x": np.zeros(1)}})
     with pytest.raises(SdsupError, match="not an Inception"):
         fid.inception_extractor(str(tmp_path / "segmenter"))
+
+
+def test_clean_fid_resize(refs, tmp_path):
+    """evaluate.fid_resize="clean": clean-fid's per-channel float32 PIL bicubic (antialiased) to 299, clipped, then
+    the TF graph's (x - 128) / 128."""
+    _, variables = refs["fid"]
+    u8 = np.random.default_rng(5).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    resized = fid.clean_resize(u8, 299)
+    assert resized.shape == (2, 299, 299, 3) and resized.dtype == np.float32
+    assert resized.min() >= 0.0 and resized.max() <= 255.0
+    channel = Image.fromarray(u8[1, :, :, 2].astype(np.float32), mode="F").resize((299, 299), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(resized[1, :, :, 2], np.clip(np.asarray(channel), 0, 255))
+    flat = fid.clean_resize(np.full((1, 40, 40, 3), 77, np.uint8), 299)
+    np.testing.assert_allclose(flat, 77.0, atol=1e-3)  # a constant image stays constant
+    model_io.save(str(tmp_path / "inception"), "inception", CONFIGS["fid"], variables)
+    clean = fid.inception_extractor(str(tmp_path / "inception"), batch_size=2, resize="clean")
+    want = InceptionV3(CONFIGS["fid"]).apply(variables, (jnp.asarray(resized) - 128.0) / 128.0)
+    np.testing.assert_allclose(clean(u8), np.asarray(want), rtol=0, atol=1e-5)
+    torch_like = fid.inception_extractor(str(tmp_path / "inception"), batch_size=2)
+    assert np.abs(clean(u8) - torch_like(u8)).max() > 1e-3  # the two conventions do differ
+    with pytest.raises(SdsupError, match="unknown FID resize"):
+        fid.inception_extractor(str(tmp_path / "inception"), resize="bilinear")
 
 
 def test_input_errors():
