@@ -110,7 +110,7 @@ def _sd_eighth_config(image_size: int, batch_size: int):
         config.data.image_size = image_size
         config.text.max_length = 77
         config.control.update(batch_size=batch_size, micro_batches=1, n_lazy=8, unroll_steps=9, grid_steps=25,
-                              ramp_start=0, ramp_end=0, hint_channels=(64,), caption_dropout=0.1)
+                              ramp_start=0, ramp_end=0, hint_channels=(64, 32), caption_dropout=0.1)
         config.fast_compile = False
     return config
 
