@@ -21,7 +21,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # --no-loadscope-reorder`, the README's command); the other files then fill in around them, so
 # the suite's wall time comes close to half its total work (measured: smoke pipeline ~13 min,
 # control step ~10 min of a ~33-minute total).
-SLOWEST_FIRST = ("test_smoke_pipeline.py", "test_control_step.py", "test_real_configs.py", "test_folder_pipeline.py")
+SLOWEST_FIRST = ("test_smoke_pipeline.py", "test_control_step.py", "test_real_configs.py", "test_real_twins.py",
+                 "test_folder_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,7 @@
 """configs/aldm.py: ALDM's recipe reaches the step, and its tiny twin runs the real path end to end.
 
-The twin (`configs/aldm.py:ade20k,tiny`) runs the same code as the full config: a random-weight Stable
-Diffusion pipeline saved by diffusers is imported (`python -m sdsup.convert import`), CSAIL UperNet
+The twin (`configs/aldm.py:ade20k,tiny`; tests/aldm_twin.py makes its files) runs the same code as the
+full config: a random-weight Stable Diffusion pipeline saved by diffusers is imported (`python -m sdsup.convert import`), CSAIL UperNet
 checkpoints are converted (`python -m sdsup.convert csail`, the discriminator with its "fake" row and
 the evaluator without), ADE20K is built from files in ADEChallengeData2016's layout with a captions
 JSON, and then data -> layout -> control (the adversarial branch taken) -> evalseg (the imported
@@ -12,36 +12,20 @@ that loads with local_files_only=True and generates from a layout.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import diffusers
-import jax
 import numpy as np
 import optax
 import pytest
-import tensorflow as tf
 import torch
-from PIL import Image
 
-from csail_reference import write_csail_files
-from drn_reference import write_drn_file
+from aldm_twin import check_control, cli, import_tiny_sd, run_twin
 from helpers import write_clip_tokenizer
-from sd_helpers import TinyStableDiffusion
-from sdsup import aldm, config_lib, model_configs
+from sdsup import aldm, config_lib
 from sdsup.data import registry, tokenizers
 from sdsup.models import clip_text, unet, vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ADE_VALUES = (1, 3, 4, 6, 13)  # wall, sky, floor, road, person (raw ids; 0 = "other" is ignored)
-
-
-def _cli(module, *args, timeout=900):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
-    env.pop("SDSUP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------- the recipe
@@ -106,162 +90,31 @@ def test_a_real_config_names_what_it_still_needs():
 
 
 # ----------------------------------------------------------------------------------- the tiny twin
-# Raw label values of the painted scenes: wall/building, sky, ground, ground (other kind), person.
-RAW_VALUES = {"ade20k": (1, 3, 4, 6, 13), "cityscapes": (11, 23, 7, 8, 24), "folder": (1, 0, 2, 3, 4)}
-GROUND = {"ade20k": ("floor", "road"), "cityscapes": ("road", "sidewalk"), "folder": ("floor", "rug")}
-COLOURS = ((150, 120, 90), (90, 150, 230), (120, 100, 80), (110, 110, 110), (200, 60, 40))
-
-
-def _scene(name, i, rng, shape):
-    """A painted picture and its raw label map: sky over a wall, a ground, a person."""
-    wall, sky, ground, ground2, person = RAW_VALUES[name]
-    h, w = shape
-    label = np.full(shape, wall, np.uint8)
-    label[: h // 3] = sky
-    label[3 * h // 4:] = ground if i % 2 == 0 else ground2
-    x0 = (4 * i) % (w - 12)
-    label[h // 2: 7 * h // 8, x0:x0 + 10] = person
-    image = np.zeros((*shape, 3), np.uint8)
-    for value, colour in zip(RAW_VALUES[name], COLOURS):
-        image[label == value] = colour
-    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
-    caption = f"a photo of a person next to a wall over a {GROUND[name][i % 2]}"
-    return image, label, caption
-
-
-def _write_dataset(name, root):
-    """The dataset's files in its shipped layout (extracted), and a captions JSON: (data.path, captions path)."""
-    rng = np.random.default_rng(0)
-    captions = {}
-
-    def save(image, label, image_path, label_path):
-        for path in (image_path, label_path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(image).save(image_path)
-        Image.fromarray(label).save(label_path)
-
-    for split, count in (("train", 8), ("val", 4)):
-        for i in range(count):
-            if name == "ade20k":
-                sub = "training" if split == "train" else "validation"
-                stem = f"ADE_{split}_{i + 1:08d}"
-                image, label, captions[stem] = _scene(name, i, rng, (40, 48))
-                label[0, :4] = 0  # "other": ignored
-                base = os.path.join(root, "ADEChallengeData2016")
-                save(image, label, os.path.join(base, "images", sub, stem + ".jpg"),
-                     os.path.join(base, "annotations", sub, stem + ".png"))
-            elif name == "cityscapes":
-                stem = f"aachen_{split}{i:02d}_000019"
-                image, label, captions[stem] = _scene(name, i, rng, (32, 64))
-                label[-2:] = 1  # the ego vehicle: ignored
-                save(image, label, os.path.join(root, "leftImg8bit", split, "aachen", stem + "_leftImg8bit.png"),
-                     os.path.join(root, "gtFine", split, "aachen", stem + "_gtFine_labelIds.png"))
-            else:
-                stem = f"{split}_{i:03d}"
-                image, label, captions[stem] = _scene(name, i, rng, (40, 40))
-                label[0, :4] = 255
-                save(image, label, os.path.join(root, "images", stem + ".jpg"), os.path.join(root, "labels", stem + ".png"))
-    if name == "folder":
-        with open(os.path.join(root, "classes.txt"), "w") as f:
-            f.write("sky\nwall\nfloor\nrug\nperson\n")
-        os.makedirs(os.path.join(root, "splits"))
-        for split in ("train", "validation"):
-            with open(os.path.join(root, "splits", split + ".txt"), "w") as f:
-                f.write("\n".join(s for s in captions if s.startswith(split[:3])) + "\n")
-    path = os.path.join(root, "captions.json")
-    with open(path, "w") as f:
-        json.dump(captions, f)
-    return root, path
-
-
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    """A random-weight SD pipeline (diffusers' layout) and its `sdsup.convert import` directory."""
-    root = tmp_path_factory.mktemp("sd")
-    sd = TinyStableDiffusion(root, image=32)
-    imported = str(root / "sd15")
-    result = _cli("sdsup.convert", "import", f"--pretrained={sd.dir}", f"--out={imported}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return imported
-
-
-def _csail(root, name, num_classes, *flags):
-    """A random CSAIL UperNet of the tiny configs' shape, written as mit_semseg's two files and converted."""
-    tiny = config_lib.load(os.path.join(ROOT, "configs", "aldm.py"), "ade20k,tiny").discriminator.model
-    encoder, decoder = write_csail_files(str(root / f"csail_{name}"), num_classes, tiny.stem_channels,
-                                         tiny.hidden_sizes, tiny.depths, tiny.head_channels, tiny.ppm_channels)
-    out = str(root / name)
-    result = _cli("sdsup.convert", "csail", f"--encoder={encoder}", f"--decoder={decoder}", *flags, f"--out={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module", params=["ade20k", "cityscapes", "folder"])
-def twin(request, sd15, tmp_path_factory):
-    name = request.param
-    root = tmp_path_factory.mktemp(f"twin_{name}")
-    path, captions = _write_dataset(name, str(root / "data"))
-    flags = []
-    if name == "ade20k":  # CSAIL's ADE20K network: + "fake" for the discriminator, as it is for the evaluator
-        flags += [f"--config.control.discriminator_init={_csail(root, 'discriminator', 150, '--fake_class')}",
-                  f"--config.evalseg.pretrained={_csail(root, 'evaluator', 150)}"]
-    elif name == "cityscapes":  # ALDM's 20-row head (19 classes + fake) that sees [-1, 1] pixels; DRN evaluates
-        d = _csail(root, "discriminator", 20, "--image_mean=0.5,0.5,0.5", "--image_std=0.5,0.5,0.5")
-        checkpoint = write_drn_file(str(root / "drn" / "drn_d_ms_cityscapes.pth"), (4, 8, 8, 8, 8, 8, 8, 8),
-                                    (1,) * 8, 19)
-        result = _cli("sdsup.convert", "drn", f"--checkpoint={checkpoint}", f"--out={root / 'evaluator'}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        flags += [f"--config.control.discriminator_init={d}", f"--config.evalseg.pretrained={root / 'evaluator'}"]
-    workdir = root / "wd"
-    result = _cli("sdsup.train", f"--config=configs/aldm.py:{name},tiny", f"--workdir={workdir}",
-                  f"--config.pretrained={sd15}", f"--config.data.path={path}", f"--config.data.captions={captions}",
-                  f"--config.data.data_dir={root / 'tfds'}", *flags)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return {"name": name, "workdir": workdir}
-
-
-def _scalars(stage_dir, tag):
-    values = []
-    for path in sorted(stage_dir.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values.append(float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
-                                  else value.simple_value)
-    return values
+def twin(tmp_path_factory):
+    """configs/aldm.py:ade20k,tiny end to end (tests/test_real_twins.py runs Cityscapes' and folder's)."""
+    root = tmp_path_factory.mktemp("twin_ade20k")
+    return {"name": "ade20k", "workdir": run_twin("ade20k", root, import_tiny_sd(root / "sd"))}
 
 
 def test_the_tiny_twin_runs_every_stage_of_the_real_path(twin):
     workdir = twin["workdir"]
     for stage in ("data", "vae", "ldm", "layout", "control", "evalseg", "evaluate"):
         assert (workdir / stage / "DONE.json").exists(), stage
-    done = {s: json.loads((workdir / s / "DONE.json").read_text()) for s in ("vae", "ldm", "control", "evalseg")}
-    assert done["vae"]["pretrained"].endswith("sd15/vae") and done["ldm"]["pretrained"].endswith("sd15")
-    assert done["control"]["lambda_adv"] == {"ade20k": 0.5, "cityscapes": 0.1, "folder": 0.5}[twin["name"]]
-    # The latent cache where the training geometry allows one (no random crops): computed once, then read.
-    caches = list((workdir / "control" / "latent_cache").glob("*/manifest.json"))
-    assert len(caches) == (0 if twin["name"] == "cityscapes" else 1)
-    assert done["control"]["latent_cache"] == (twin["name"] != "cityscapes")
-    if twin["name"] == "folder":  # no CSAIL network for the user's classes: the discriminator pretrains first
-        assert (workdir / "discriminator" / "DONE.json").exists() and done["control"]["discriminator_init"] == "stage"
-    else:  # the paper's evaluators, imported: CSAIL's UperNet (ADE20K), a DRN (Cityscapes)
-        assert done["control"]["discriminator_init"].endswith("discriminator")
-        assert done["evalseg"]["pretrained"].endswith("evaluator") and 0.0 <= done["evalseg"]["val_miou_real"] <= 1.0
-        kind = json.loads((workdir / "evalseg" / "model" / "config.json").read_text())["kind"]
-        assert kind == ("drn_segmenter" if twin["name"] == "cityscapes" else "segmenter")
-    # The adversarial branch ran: its loss is logged and positive.
-    assert any(v > 0 for v in _scalars(workdir / "control", "loss/adv"))
+    control = check_control(workdir, "ade20k")
+    assert control["discriminator_init"].endswith("discriminator")
+    evalseg = json.loads((workdir / "evalseg" / "DONE.json").read_text())
+    assert evalseg["pretrained"].endswith("evaluator") and 0.0 <= evalseg["val_miou_real"] <= 1.0
+    assert json.loads((workdir / "evalseg" / "model" / "config.json").read_text())["kind"] == "segmenter"
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert {"images/control/image_miou", "images/text_only/image_miou", "layout/miou_map/val"} <= set(metrics)
+    assert {"images/control/image_miou", "images/text_only/image_miou", "images/text_layout_image/image_miou",
+            "layout/miou_map/val"} <= set(metrics)
     assert (workdir / "report.md").exists()
-    stats = json.loads((workdir / "data" / "stats.json").read_text())
-    assert stats["dataset"] == twin["name"] and stats["splits"]["train"]["examples"] == 8
 
 
-@pytest.mark.parametrize("twin", ["ade20k"], indirect=True)  # one export covers the path: the conditioners are alike
 def test_the_tiny_twin_exports_to_a_diffusers_pipeline_that_generates(twin, tmp_path):
     out = tmp_path / "pipe"
-    result = _cli("sdsup.convert", "export", f"--from={twin['workdir']}", f"--out={out}")
+    result = cli("sdsup.convert", "export", f"--from={twin['workdir']}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(str(out), local_files_only=True,
                                                                        safety_checker=None)

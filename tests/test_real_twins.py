@@ -1,0 +1,43 @@
+"""The tiny twins of configs/aldm.py:cityscapes and :folder (ADE20K's, with every stage and the export, is in
+tests/test_real_configs.py). Each runs the stages where its config differs from ADE20K's:
+
+  cityscapes  ALDM's 20-row discriminator head (19 classes + fake, [-1, 1] pixels), random 32x32 crops of
+              32x64 frames (so no latent cache), a DRN evaluator (`sdsup.convert drn`) and the evaluation
+              on whole frames;
+  folder      the user's classes: the `discriminator` stage pretrains a CSAIL-style UperNet, which
+              `control` starts from; the latent cache.
+"""
+
+import json
+
+import pytest
+
+from aldm_twin import check_control, import_tiny_sd, run_twin
+
+STAGES = {
+    "cityscapes": ("data", "vae", "ldm", "control", "evalseg", "evaluate"),
+    "folder": ("data", "vae", "ldm", "discriminator", "control"),
+}
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return import_tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_the_tiny_twin_runs_its_configs_own_path(name, sd15, tmp_path):
+    stages = "(" + ", ".join(repr(s) for s in STAGES[name]) + ",)"
+    workdir = run_twin(name, tmp_path, sd15, f"--config.stages={stages}", "--config.evaluate.variants=('control',)")
+    for stage in STAGES[name]:
+        assert (workdir / stage / "DONE.json").exists(), stage
+    control = check_control(workdir, name)
+    if name == "folder":
+        assert control["discriminator_init"] == "stage"
+        return
+    assert control["discriminator_init"].endswith("discriminator")
+    evalseg = json.loads((workdir / "evalseg" / "DONE.json").read_text())
+    assert evalseg["pretrained"].endswith("evaluator") and 0.0 <= evalseg["val_miou_real"] <= 1.0
+    assert json.loads((workdir / "evalseg" / "model" / "config.json").read_text())["kind"] == "drn_segmenter"
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert 0.0 <= metrics["images/control/image_miou"] <= 1.0
