@@ -19,10 +19,10 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # The slowest files run first, the two slowest one on each pytest-xdist worker (`-n 2 --dist loadfile
 # --no-loadscope-reorder`, the README's command); the other files then fill in around them, so
-# the suite's wall time comes close to half its total work (measured: smoke pipeline ~13 min,
-# control step ~10 min of a ~33-minute total).
-SLOWEST_FIRST = ("test_smoke_pipeline.py", "test_control_step.py", "test_real_configs.py", "test_real_twins.py",
-                 "test_folder_pipeline.py")
+# the suite's wall time comes close to half its total work (the whole-pipeline runs and the mesh-compiled
+# control steps are most of it; README, "Development", has the latest timing).
+SLOWEST_FIRST = ("test_smoke_pipeline.py", "test_control_step.py", "test_folder_pipeline.py", "test_real_configs.py",
+                 "test_real_twins.py", "test_latent_cache.py")
 
 
 def pytest_collection_modifyitems(config, items):
