@@ -11,6 +11,7 @@ With `lambda_adv = 0` it trains the plain-conditioner baseline.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -110,7 +111,9 @@ def latent_cache_source(ctx: common.Context, setup: aldm.Setup, vae_params, text
     manifest. A cache of other models or data is never reused, and never deleted.
     """
     manifest = setup.cache_manifest(ctx.dataset, vae_params, text_params, shards=jax.process_count())
-    directory = os.path.join(ctx.stage_dir(NAME), "latent_cache", manifest.models)
+    # Named by everything it was computed from: another dataset or other models get a directory of their own.
+    name = hashlib.sha256(manifest.to_json().encode()).hexdigest()[:16]
+    directory = os.path.join(ctx.stage_dir(NAME), "latent_cache", name)
     if latent_cache.read_manifest(directory) != manifest:
         with common.timed(f"control: latent cache of {manifest.num_examples} examples"):
             aldm.write_latent_cache(setup, ctx.dataset, directory, manifest, vae_params, text_params,
