@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import numpy as np
 
-from sdsup.convert.torch_layout import ConversionError, flatten, to_numpy, unflatten
+from sdsup.convert.torch_layout import ConversionError, conv_bn_from_torch, flatten, to_numpy, unflatten
 from sdsup.errors import SdsupError
 from sdsup.models import io as model_io
 from sdsup.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, SegmenterConfig
@@ -61,7 +61,6 @@ _BN_PARAMS = (("scale", "weight"), ("bias", "bias"))
 _BN_STATS = (("mean", "running_mean"), ("var", "running_var"))
 _COUNT = "num_batches_tracked"
 _SYNC_BN_BUFFERS = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
-_INT32_MAX = np.iinfo(np.int32).max
 
 
 class CsailConversionError(ConversionError, SdsupError):
@@ -241,11 +240,6 @@ def _check_keys(sd: Mapping[str, Any], entries: List[_Entry], what: str) -> None
             raise CsailConversionError(f"the {what} state dict's key {key!r} has shape {got}, expected {want}")
 
 
-def _float32(value) -> np.ndarray:
-    # A private float32 copy: never a view of torch memory (see sdsup.convert.segmenter._to_numpy).
-    return np.array(to_numpy(value), dtype=np.float32, copy=True)
-
-
 def csail_from_torch(encoder: Mapping[str, Any], decoder: Mapping[str, Any],
                      config: SegmenterConfig) -> Dict[str, Any]:
     """The two CSAIL state dicts (torch tensors or numpy) -> {"params", "batch_stats"} of UperNetSegmenter(config).
@@ -260,22 +254,7 @@ def csail_from_torch(encoder: Mapping[str, Any], decoder: Mapping[str, Any],
         _check_keys(sd, [e for e in layout if e[0] == what], what)
     flat: Dict[Tuple[str, ...], np.ndarray] = {}
     for what, prefix, fpath, kind, _ in layout:
-        sd = files[what]
-        if kind == "bn":
-            for fname, tname in _BN_PARAMS:
-                flat[("params",) + fpath + (fname,)] = _float32(sd[f"{prefix}.{tname}"])
-            for fname, tname in _BN_STATS:
-                flat[("batch_stats",) + fpath + (fname,)] = _float32(sd[f"{prefix}.{tname}"])
-            count = sd.get(f"{prefix}.{_COUNT}")
-            n = 0 if count is None else int(to_numpy(count))
-            if not 0 <= n <= _INT32_MAX:
-                raise CsailConversionError(f"the {what} state dict's key {prefix}.{_COUNT} = {n} does not fit int32")
-            flat[("batch_stats",) + fpath + (_COUNT,)] = np.array(n, np.int32)
-        else:
-            flat[("params",) + fpath + ("kernel",)] = np.ascontiguousarray(
-                _float32(sd[f"{prefix}.weight"]).transpose(2, 3, 1, 0))
-            if kind == "conv_bias":
-                flat[("params",) + fpath + ("bias",)] = _float32(sd[f"{prefix}.bias"])
+        conv_bn_from_torch(files[what], prefix, fpath, kind, flat, CsailConversionError, what)
     return unflatten(flat)
 
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 import flax.linen as nn
 import numpy as np
 
-from sdsup.convert.torch_layout import ConversionError, flatten, to_numpy, unflatten
+from sdsup.convert.torch_layout import ConversionError, conv_bn_from_torch, flatten, to_numpy, unflatten
 from sdsup.errors import SdsupError
 from sdsup.models import io as model_io
 from sdsup.models.drn import BLOCK_LAYERS, LAYER_STRIDES, UP_KERNEL, DRNConfig, bilinear_up_kernel
@@ -57,7 +57,6 @@ KIND = "drn_segmenter"
 _BN_PARAMS = (("scale", "weight"), ("bias", "bias"))
 _BN_STATS = (("mean", "running_mean"), ("var", "running_var"))
 _COUNT = "num_batches_tracked"
-_INT32_MAX = np.iinfo(np.int32).max
 _UP = "up.weight"
 # |file's up.weight - bilinear fill|: the fill's values are exact in float32, so anything above rounding is a
 # different (unsupported) upsampler.
@@ -250,21 +249,7 @@ def drn_from_torch(sd: Mapping[str, Any], config: DRNConfig) -> Dict[str, Any]:
     check_up_weight(sd[_UP], config.num_classes)
     flat: Dict[Tuple[str, ...], np.ndarray] = {}
     for prefix, fpath, kind, _ in _layout(config):
-        if kind == "bn":
-            for fname, tname in _BN_PARAMS:
-                flat[("params",) + fpath + (fname,)] = _float32(sd[f"{prefix}.{tname}"])
-            for fname, tname in _BN_STATS:
-                flat[("batch_stats",) + fpath + (fname,)] = _float32(sd[f"{prefix}.{tname}"])
-            count = sd.get(f"{prefix}.{_COUNT}")
-            n = 0 if count is None else int(to_numpy(count))
-            if not 0 <= n <= _INT32_MAX:
-                raise DRNConversionError(f"the DRN state dict's key {prefix}.{_COUNT} = {n} does not fit int32")
-            flat[("batch_stats",) + fpath + (_COUNT,)] = np.array(n, np.int32)
-        else:
-            flat[("params",) + fpath + ("kernel",)] = np.ascontiguousarray(
-                _float32(sd[f"{prefix}.weight"]).transpose(2, 3, 1, 0))
-            if kind == "conv_bias":
-                flat[("params",) + fpath + ("bias",)] = _float32(sd[f"{prefix}.bias"])
+        conv_bn_from_torch(sd, prefix, fpath, kind, flat, DRNConversionError, "DRN")
     return unflatten(flat)
 
 

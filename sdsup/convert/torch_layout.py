@@ -268,3 +268,31 @@ def shapes_of(tree: Mapping[str, Any]) -> Dict[Path, Tuple[int, ...]]:
     """Flat leaf shapes of a (possibly abstract, e.g. from jax.eval_shape) unboxed parameter tree."""
     return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
 
+
+_BN_PARAMS = (("scale", "weight"), ("bias", "bias"))
+_BN_STATS = (("mean", "running_mean"), ("var", "running_var"))
+_BN_COUNT = "num_batches_tracked"
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def conv_bn_from_torch(sd: Mapping[str, Any], prefix: str, path: Path, kind: str, flat: Dict[Path, Any],
+                       error: Callable[[str], Exception], source: str) -> None:
+    """One torch module's weights into `flat` (("params" | "batch_stats",) + path + leaf), for networks built of
+    convolutions and BatchNorms (the CSAIL UperNet, DRN): kind "bn" (scale, bias, running statistics and
+    num_batches_tracked, 0 when the file has none), "conv" or "conv_bias". Leaves are private float32 copies
+    (the count int32); a count that does not fit int32 raises `error`, naming `source`'s key."""
+    f32 = lambda key: np.array(to_numpy(sd[f"{prefix}.{key}"]), dtype=np.float32, copy=True)  # noqa: E731
+    if kind == "bn":
+        for fname, tname in _BN_PARAMS:
+            flat[("params",) + path + (fname,)] = f32(tname)
+        for fname, tname in _BN_STATS:
+            flat[("batch_stats",) + path + (fname,)] = f32(tname)
+        count = sd.get(f"{prefix}.{_BN_COUNT}")
+        n = 0 if count is None else int(to_numpy(count))
+        if not 0 <= n <= _INT32_MAX:
+            raise error(f"the {source} state dict's key {prefix}.{_BN_COUNT} = {n} does not fit int32")
+        flat[("batch_stats",) + path + (_BN_COUNT,)] = np.array(n, np.int32)
+        return
+    flat[("params",) + path + ("kernel",)] = np.ascontiguousarray(f32("weight").transpose(2, 3, 1, 0))
+    if kind == "conv_bias":
+        flat[("params",) + path + ("bias",)] = f32("bias")
