@@ -37,7 +37,8 @@ EXTRAS_REQUIRE = {
     # torch is only the PyTorch side of the interop tests and benchmarks.
     # pytest-xdist: the suite runs on 2 processes (`-n 2`); XLA compiles one program per core.
     # 3.8 added --no-loadscope-reorder, which keeps the slowest files first (tests/conftest.py).
-    "test": ["pytest>=8.0", "pytest-xdist>=3.8", "torch>=2.4"],
+    # filelock: one smoke run shared by all pytest-xdist workers (tests/smoke_workdir.py).
+    "test": ["pytest>=8.0", "pytest-xdist>=3.8", "torch>=2.4", "filelock>=3.0"],
     "tpu": ["jax[tpu]>=0.10"],
     "cuda": ["jax[cuda12]>=0.10"],
 }

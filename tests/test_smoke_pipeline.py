@@ -8,39 +8,27 @@ supervision) -> evalseg -> evaluate. The ablation runs on top of it
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import smoke_workdir
 from sdsup.data import scenes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
 VARIANTS = ("text_only", "control", "text_layout_image")
 LAYOUT_KEYS = ("layout/miou_map", "layout/miou_sample_mean", "layout/miou_majority", "layout/miou_retrieval",
                "layout/miou_oracle", "layout/relation_accuracy")
 
 
-def _run(module, *args, timeout=900):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+_run = smoke_workdir.run_module
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    wd = root / "wd"
-    result = _run("sdsup.train", "--config=configs/scenes.py:smoke", f"--workdir={wd}",
-                  f"--config.data.data_dir={root / 'tfds'}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return wd
+def workdir(smoke_run):
+    return smoke_run[0]  # shared with other files (tests/smoke_workdir.py): read-only here
 
 
 def test_every_stage_finished_with_its_outputs(workdir):
@@ -78,8 +66,9 @@ def test_every_stage_finished_with_its_outputs(workdir):
     assert list((workdir / "control").glob("events.out.tfevents.*"))
 
 
-def test_rerun_skips_finished_stages(workdir):
-    result = _run("sdsup.train", "--config=configs/scenes.py:smoke", f"--workdir={workdir}",
+def test_rerun_skips_finished_stages(workdir, tmp_path):
+    copy = smoke_workdir.copy_workdir(workdir, tmp_path / "wd")
+    result = _run("sdsup.train", "--config=configs/scenes.py:smoke", f"--workdir={copy}",
                   f"--config.data.data_dir={workdir.parent / 'tfds'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("finished earlier") == len(STAGES)
