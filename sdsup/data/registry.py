@@ -49,6 +49,12 @@ class DatasetSpec:
     # A record -> the (class name, relation, class name) facts its caption states, with relation one of
     # "left of", "right of", "above", "below"; the layout evaluation scores relation accuracy with it.
     caption_relations: Optional[Callable[[dict], list]] = None
+    # A record -> every fact its caption states (`sdsup.data.facts.Fact`: objects, counts, positions,
+    # relations, colours), for the faithfulness evaluation; None: the classes the caption names.
+    caption_facts: Optional[Callable[[dict], list]] = None
+    # The classes that are countable objects (not stuff): the faithfulness evaluation's coherence and
+    # "unnamed things" read them; empty: not measured.
+    thing_classes: Tuple[str, ...] = ()
     # A record -> counts to sum over a split's records, extra statistics for the data stage's stats.json.
     record_stats: Optional[Callable[[dict], dict]] = None
     # Prompts outside the training captions, for the layout report's picture of novel prompts.
@@ -142,6 +148,8 @@ SCENES = register(
         class_phrases=tuple({"mountain": "mountains", "water": "lake"}.get(n, n) for n in scenes.CLASS_NAMES),
         flip_caption=scenes.swap_left_right,
         caption_relations=scenes.caption_relations,
+        caption_facts=scenes.caption_facts,
+        thing_classes=scenes.THING_CLASSES,
         record_stats=scenes.record_stats,
         novel_prompts=scenes.NOVEL_PROMPTS,
     )

@@ -37,6 +37,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from sdsup.data.facts import Fact
+
 # ----------------------------------------------------------------------------
 # Classes and palette: dataset metadata every other part reads.
 # ----------------------------------------------------------------------------
@@ -333,6 +335,39 @@ def caption_relations(record: dict) -> List[Tuple[str, str, str]]:
             rel = _relation_between(g, r)
             if rel:
                 out.append((g.cls, rel, r.cls))
+    return out
+
+
+def caption_facts(record: dict) -> List[Fact]:
+    """Every fact a record's caption states, from its scene program (sdsup.data.facts): the classes it names,
+    "two" as two, absolute positions, relations (the placements and "sky over <ground>") and named colours."""
+    scene = Scene.from_json(_text(record["scene"]))
+    out = [Fact("object", "sky", "sky"), Fact("object", scene.ground, scene.ground),
+           Fact("relation", f"sky over {scene.ground}", "sky", relation="above", other=scene.ground)]
+    if scene.mountains:
+        out.append(Fact("object", "mountains", "mountain"))
+    if scene.lake_slot is not None:
+        out += [Fact("object", "a lake", "water"),
+                Fact("position", f"a lake {_GROUND_POS[scene.lake_slot]}", "water", where=SLOTS[scene.lake_slot])]
+    if scene.road:
+        out += [Fact("object", "a road", "road"), Fact("position", "a road along the bottom", "road", where="bottom")]
+    for g in scene.groups:
+        noun = _noun(g.cls, g.count)
+        common = dict(cls=g.cls, count=g.count, size=g.size)
+        out.append(Fact("object", noun, **common))
+        if g.count > 1:
+            out.append(Fact("count", f"two {noun}", **common))
+        if g.ref is None:
+            where = (_SKY_POS if g.layer == "sky" else _GROUND_POS)[g.slot]
+            out.append(Fact("position", f"{noun} {where}", where=SLOTS[g.slot], **common))
+        else:
+            r = scene.groups[g.ref]
+            relation = _relation_between(g, r)
+            out.append(Fact("relation", f"{noun} {relation} the {_noun(r.cls, r.count)}", relation=relation,
+                            other=r.cls, **common))
+        if g.colour_named:
+            choices = tuple((c, tuple(COLOURS[c])) for c in THING_COLOURS[g.cls])
+            out.append(Fact("colour", f"{g.colour} {noun}", colour=g.colour, colour_choices=choices, **common))
     return out
 
 

@@ -53,12 +53,15 @@ from sdsup import model_configs, pipelines, segmentation
 from sdsup.conditioning import images_to_float
 from sdsup.data.dataset import Dataset
 from sdsup.errors import SdsupError
+from sdsup.evaluation import faithfulness
 from sdsup.evaluation import fid as fid_lib
 from sdsup.evaluation.clip_score import ClipScoreResult
 
 VARIANTS = ("text_only", "control", "text_layout_image")
 # Batch of the evaluations (images and layouts): larger batches use the cores better.
 EVAL_BATCH = 32
+# Ground-truth training maps that calibrate the faithfulness check's object reading (sizes, pairs).
+CALIBRATION_EXAMPLES = 512
 
 
 class EvaluationError(SdsupError):
@@ -136,6 +139,43 @@ class Evaluator:
                  full_frame: bool = False):
         self.dataset, self.segmenter, self.settings, self.full_frame = dataset, segmenter, settings, full_frame
         self._real: dict = {}
+        self._calibration: Optional[faithfulness.Calibration] = None
+
+    @property
+    def calibration(self) -> faithfulness.Calibration:
+        """The faithfulness check's object geometry, from the train split's ground-truth maps (once)."""
+        if self._calibration is None:
+            maps, stated = [], []
+            source = self.dataset.source("train")
+            for batch in self._batches("train", EVAL_BATCH, CALIBRATION_EXAMPLES):
+                for j in np.nonzero(batch["mask"])[0]:
+                    maps.append(batch["label"][j])
+                    stated.append(faithfulness.facts_of(self.dataset.spec, source[int(batch["index"][j])],
+                                                        batch["caption"][j]))
+            self._calibration = faithfulness.Calibration.fit(maps, stated, self.dataset.spec.class_names)
+        return self._calibration
+
+    def _reader(self, label, image=None) -> faithfulness.MapReader:
+        return faithfulness.MapReader(label, self.calibration, self.dataset.spec.class_names, image=image)
+
+    def real_faithfulness(self, split: str, num_examples: int,
+                          batch_size: int = EVAL_BATCH) -> Dict[str, faithfulness.Scored]:
+        """{"ground_truth", "real"}: the facts of each caption that hold in its ground-truth map (the check's
+        own ceiling) and in the evaluation segmenter's reading of its real image."""
+        key = ("faith", split, num_examples)
+        if key not in self._real:
+            spec, source = self.dataset.spec, self.dataset.source(split)
+            scored = {"ground_truth": faithfulness.Scored(), "real": faithfulness.Scored()}
+            batch_size = min(batch_size, num_examples)  # the variants' batch: one compiled segmenter
+            for batch in self._batches(split, batch_size, num_examples):
+                pred = self.segmenter.predict(batch["image"])
+                for j in np.nonzero(batch["mask"])[0]:
+                    facts = faithfulness.facts_of(spec, source[int(batch["index"][j])], batch["caption"][j])
+                    scored["ground_truth"].add(self._reader(batch["label"][j], batch["image"][j]), facts,
+                                               spec.thing_classes)
+                    scored["real"].add(self._reader(pred[j], batch["image"][j]), facts, spec.thing_classes)
+            self._real[key] = scored
+        return self._real[key]
 
     def _batches(self, split: str, batch_size: int, num_examples: int):
         return self.dataset.eval_batches(split, batch_size, limit=num_examples, full_frame=self.full_frame)
@@ -171,7 +211,10 @@ class Evaluator:
         """Metrics of one variant on a split; also `rows` (caption, layout, image) for sample grids.
 
         Returns {"image_miou", "layout_miou", "fid_segfeat", ["fid_inception"],
-        ["clip_score"], "per_class_iou": {class: IoU or None}, "examples", "rows"}.
+        ["clip_score"], "per_class_iou": {class: IoU or None}, "examples", "rows",
+        "faithfulness": the per-caption facts that hold in the segmenter's reading of each image (a
+        `faithfulness.Scored`; its summary also as "faith/<metric>"), and for text_layout_image
+        "layout_faithfulness": the same for the sampled layouts themselves}.
         `inception` is a `fid.FeatureExtractor` (e.g. `fid.inception_extractor`)
         for the standard FID of real datasets.
         """
@@ -190,6 +233,8 @@ class Evaluator:
         clip_results = []
         rows: List[dict] = []
         count = 0
+        source = self.dataset.source(split)
+        faith_images, faith_layouts = faithfulness.Scored(), faithfulness.Scored()
         for bi, batch in enumerate(self._batches(split, batch_size, num_examples)):
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), bi)
             keep, gt, tokens = batch["mask"], batch["label"], batch["tokens"]
@@ -212,9 +257,14 @@ class Evaluator:
             if clip_scorer is not None:
                 clip_results.append(clip_scorer.score(images[keep], [c for c, k in zip(batch["caption"], keep) if k]))
             for j in np.nonzero(keep)[0]:
+                facts = faithfulness.facts_of(spec, source[int(batch["index"][j])], batch["caption"][j])
+                held = faith_images.add(self._reader(pred[j], images[j]), facts, spec.thing_classes)
+                if variant == "text_layout_image":
+                    faith_layouts.add(self._reader(cond[j]), facts, spec.thing_classes)
                 if len(rows) < keep_rows:
                     rows.append({"caption": batch["caption"][j], "layout": np.asarray(cond[j]), "image": images[j],
-                                 "real": batch["image"][j], "ground_truth": gt[j]})
+                                 "real": batch["image"][j], "ground_truth": gt[j], "reading": pred[j],
+                                 "facts": [(f.text, ok) for f, ok in zip(facts, held)]})
             count += int(keep.sum())
         miou, iou = segmentation.iou_from_confusion(conf_cond)
         real = self.real_feature_stats(split, num_examples, batch_size)
@@ -225,7 +275,11 @@ class Evaluator:
             "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(spec.class_names, iou)},
             "examples": count,
             "rows": rows,
+            "faithfulness": faith_images,
         }
+        result.update({f"faith/{k}": v for k, v in faith_images.summary().items()})
+        if variant == "text_layout_image":
+            result["layout_faithfulness"] = faith_layouts
         if inception is not None:
             real_i = self.real_inception_stats(inception, split, num_examples, batch_size)
             result["fid_inception"] = fid_lib.fid_from_stats(real_i, fake_inception)

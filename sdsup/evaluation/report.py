@@ -11,6 +11,12 @@ Key scheme:
   images/<variant>/<metric>           image_miou, layout_miou, fid_segfeat, clip_score, examples
   images/<variant>/iou/<class>        per-class image IoU
   images/real/miou                    the evaluation segmenter on real images (the ceiling)
+  images/<row>/faith/<metric>         faithfulness (sdsup.evaluation.faithfulness): facts, captions_all_right,
+                                      one share per fact kind, coherence; rows are the variants, `real` (the
+                                      segmenter on real images) and `ground_truth` (the check's own ceiling)
+  images/<variant>/layout_faith/<m>   the same for the sampled layouts themselves (text_layout_image)
+  images/<variant>/faith_vs_text_only/{difference,ci_low,ci_high}
+                                      pooled fact accuracy minus text_only's, same captions and noise, 95% CI
 """
 
 from __future__ import annotations
@@ -28,6 +34,13 @@ METRICS_FILE, REPORT_FILE, PROVENANCE_FILE = "metrics.json", "report.md", "evalu
 IMAGE_METRICS = (("image_miou", "image mIoU (vs conditioning layout)"), ("layout_miou", "mIoU vs ground truth"),
                  ("fid_segfeat", "FID (segmenter features)"), ("fid_inception", "FID (Inception)"),
                  ("clip_score", "CLIP score"))
+# Rows of images/<row>/... that are references, not generators.
+REFERENCE_ROWS = ("real", "ground_truth")
+FAITH_COLUMNS = (("facts", "facts"), ("captions_all_right", "captions all right"), ("object", "objects"),
+                 ("count", "counts"), ("position", "positions"), ("relation", "relations"), ("colour", "colours"),
+                 ("stray_share", "stray thing pixels"), ("components_per_thing", "components per thing"),
+                 ("unnamed_things", "maps with unnamed things"))
+FAITH_KINDS = ("facts", "object", "count", "position", "relation", "colour")
 LAYOUT_ROWS = ("miou_map", "miou_sample_mean", "miou_sample_std", "miou_retrieval", "miou_majority", "miou_oracle",
                "relation_accuracy", "relation_accuracy_sample_mean", "relation_accuracy_retrieval",
                "relation_accuracy_oracle")
@@ -94,7 +107,7 @@ def _variants(metrics: Dict[str, float]) -> List[str]:
     seen = []
     for key in metrics:
         parts = key.split("/")
-        if parts[0] == "images" and len(parts) >= 3 and parts[1] != "real" and parts[1] not in seen:
+        if parts[0] == "images" and len(parts) >= 3 and parts[1] not in REFERENCE_ROWS and parts[1] not in seen:
             seen.append(parts[1])
     order = ("text_only", "control", "aldm", "text_layout_image")
     return sorted(seen, key=lambda v: (order.index(v) if v in order else len(order), v))
@@ -138,6 +151,51 @@ def image_section(workdir: str, metrics: Dict[str, float], class_names: Optional
     return lines
 
 
+def _faith_rows(metrics: Dict[str, float]) -> List[tuple]:
+    """(label, metrics prefix) of every faithfulness row present, references first."""
+    rows = [("ground-truth maps (ceiling)", "images/ground_truth/faith"), ("real images", "images/real/faith")]
+    for v in _variants(metrics):
+        rows.append((v, f"images/{v}/faith"))
+        rows.append((f"{v}: its sampled layouts", f"images/{v}/layout_faith"))
+    return [(label, prefix) for label, prefix in rows if f"{prefix}/facts" in metrics]
+
+
+def faithfulness_section(workdir: str, metrics: Dict[str, float]) -> List[str]:
+    rows = _faith_rows(metrics)
+    if not rows:
+        return []
+    lines = ["## Faithfulness", "",
+             "The share of what each caption states that holds in the evaluation segmenter's reading of the image "
+             "(GenEval-style; `sdsup.evaluation.faithfulness`): the classes it names, \"two\" as two, absolute "
+             "positions, relations and colours. \"captions all right\": every fact of the caption holds. "
+             "Coherence: the share of thing pixels outside the named things' largest components, components per "
+             "named thing (1 is solid; touching pairs read as one) and maps holding a thing the caption never names.",
+             "", "| | " + " | ".join(label for _, label in FAITH_COLUMNS) + " |", "|---|" + "---|" * len(FAITH_COLUMNS)]
+    for label, prefix in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(f"{prefix}/{m}")) for m, _ in FAITH_COLUMNS) + " |")
+    paired = [v for v in _variants(metrics) if f"images/{v}/faith_vs_text_only/difference" in metrics]
+    if paired:
+        lines += ["", "Pooled fact accuracy minus text_only's on the same captions, seeds and noise (95% bootstrap "
+                  "interval over captions):", "", "| variant | difference | 95% interval |", "|---|---|---|"]
+        for v in paired:
+            key = f"images/{v}/faith_vs_text_only"
+            lines.append(f"| {v} | {_fmt(metrics[key + '/difference'])} | "
+                         f"{_fmt(metrics.get(key + '/ci_low'))} .. {_fmt(metrics.get(key + '/ci_high'))} |")
+    lines += [""] + _picture(workdir, "evaluation/faithfulness.png", "facts that hold, per kind")
+    return lines
+
+
+def faithfulness_chart(workdir: str, metrics: Dict[str, float]) -> Optional[str]:
+    """evaluation/faithfulness.png: the share of facts that hold per kind, one bar per row."""
+    rows = _faith_rows(metrics)
+    if not rows:
+        return None
+    series = {label: [metrics.get(f"{prefix}/{k}") for k in FAITH_KINDS] for label, prefix in rows}
+    path = os.path.join(workdir, "evaluation", "faithfulness.png")
+    viz.save_png(viz.bar_chart(FAITH_KINDS, series, title="Facts that hold, per kind"), path)
+    return path
+
+
 def layout_section(workdir: str, metrics: Dict[str, float]) -> List[str]:
     if "layout/miou_map" not in metrics:
         return []
@@ -179,9 +237,11 @@ def write_report(workdir: str, class_names: Optional[Iterable[str]] = None) -> s
     metrics = read_metrics(workdir)
     if class_names is not None:
         per_class_chart(workdir, metrics, class_names)
+    faithfulness_chart(workdir, metrics)
     lines = ["# sdsup evaluation report", "",
              f"Workdir: `{os.path.abspath(workdir)}`. All numbers are also in `metrics.json`.", ""]
     lines += image_section(workdir, metrics, class_names)
+    lines += faithfulness_section(workdir, metrics)
     lines += layout_section(workdir, metrics)
     prov = read_provenance(workdir)
     if prov:

@@ -15,7 +15,7 @@ import jax
 
 from sdsup import pipelines, viz
 from sdsup.data.dataset import Dataset
-from sdsup.evaluation import clip_score, fid, images, report
+from sdsup.evaluation import clip_score, faithfulness, fid, images, report
 from sdsup.workdir import Workdir
 
 SPLITS = ("test", "validation")
@@ -42,6 +42,23 @@ def inception_extractor(inception_dir: Optional[str], resize: str = "pytorch_fid
     if not inception_dir:
         return None
     return fid.inception_extractor(inception_dir, batch_size=32, resize=resize)
+
+
+def faithfulness_metrics(prefix: str, scored: faithfulness.Scored) -> dict:
+    return {f"{prefix}/{k}": float(v) for k, v in scored.summary().items()}
+
+
+def paired_faithfulness(scored: dict, baseline: str = "text_only") -> dict:
+    """images/<variant>/faith_vs_<baseline>/{difference, ci_low, ci_high}: pooled fact accuracy of each
+    variant minus the baseline's on the same captions, seeds and noise, with a 95% bootstrap interval."""
+    out = {}
+    if baseline not in scored:
+        return out
+    for v, s in scored.items():
+        if v != baseline:
+            d = faithfulness.paired_difference(s, scored[baseline])
+            out.update({f"images/{v}/faith_vs_{baseline}/{k}": float(d[k]) for k in ("difference", "ci_low", "ci_high")})
+    return out
 
 
 def evaluate_workdir(workdir: Workdir, config, dataset: Dataset, settings: pipelines.Settings,
@@ -72,15 +89,22 @@ def evaluate_workdir(workdir: Workdir, config, dataset: Dataset, settings: pipel
     inception = inception_extractor(inception_dir or cfg.get("inception_dir"), cfg.get("fid_resize", "pytorch_fid"))
     metrics = {"images/real/miou": evaluator.real_image_miou(split, num_examples)}
     metrics["images/clip_skipped"] = float(scorer is None)
+    for row, scored in evaluator.real_faithfulness(split, num_examples).items():
+        metrics.update(faithfulness_metrics(f"images/{row}/faith", scored))
     out = workdir.stage_dir("evaluation", create=True)
+    scored = {}
     for v in variants:
         result = evaluator.evaluate_variant(v, models, split=split, num_examples=num_examples, seed=seed,
                                             clip_scorer=scorer, inception=inception)
         metrics.update(images.flat_metrics(f"images/{v}", result))
+        scored[v] = result["faithfulness"]
+        if "layout_faithfulness" in result:
+            metrics.update(faithfulness_metrics(f"images/{v}/layout_faith", result["layout_faithfulness"]))
         metrics.update({f"images/{v}/iou/{c}": val for c, val in result["per_class_iou"].items()})
         if jax.process_index() == 0:
             viz.save_png(viz.captioned_grid(sample_rows(result["rows"]), spec.class_names, spec.palette,
                                             spec.ignore_id), os.path.join(out, f"samples_{v}.png"))
+    metrics.update(paired_faithfulness(scored))
     if jax.process_index() == 0:
         report.merge_metrics(workdir.path, metrics)
         report.record_command(workdir.path, config, split=split, examples=num_examples, seed=seed)
