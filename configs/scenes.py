@@ -181,8 +181,9 @@ def get_config(arg: str = ""):
   # The most probable map at the image size: its logits resized by this `jax.image.resize` method
   # before the argmax ("nearest" repeats the model's pixels).
   c.layout.map_upsample = "lanczos3"  # best map mIoU of the four methods; docs/tuning.md
-  # Confidence-ordered unmasking: passes, draw temperature, CFG scale on the logits.
-  c.layout.sampling = ml_collections.ConfigDict(dict(steps=8, temperature=1.0, guidance=2.0))
+  # Confidence-ordered unmasking: passes, draw temperature, CFG scale on the logits, Gumbel noise on the
+  # confidences that pick which draws to keep.
+  c.layout.sampling = ml_collections.ConfigDict(dict(steps=8, temperature=1.0, guidance=2.0, choice_temperature=4.5))
   # Evaluation at the end of the stage (metrics.json, report.md): examples per split, sample seeds.
   c.layout.evaluate = True
   c.layout.eval_examples = 64

@@ -209,6 +209,8 @@ def _validate_layout(config) -> None:
     if "full_mask_fraction" in c:
         _number_in(config, "layout.full_mask_fraction", 0.0, 1.0)
     _number_in(config, "layout.sampling.guidance", 0.0, float("inf"))
+    if "choice_temperature" in c.sampling:
+        _number_in(config, "layout.sampling.choice_temperature", 0.0, float("inf"))
     if "map_upsample" in c:
         _require(c.map_upsample in UPSAMPLE_METHODS, "layout.map_upsample", f"must be one of {UPSAMPLE_METHODS}",
                  c.map_upsample)

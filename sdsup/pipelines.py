@@ -49,6 +49,9 @@ class LayoutSampling:
     steps: int = 8  # unmasking passes
     temperature: float = 1.0
     guidance: float = 1.0  # classifier-free guidance on the logits: u + g (c - u)
+    # Gumbel noise on the confidences that choose which draws to keep (MaskGIT's 4.5): high values keep
+    # random pixels early, which scatters specks over the map.
+    choice_temperature: float = 4.5
     map_upsample: str = "nearest"  # `jax.image.resize` method for the most probable map's logits
 
     def __post_init__(self):
@@ -83,8 +86,10 @@ class Settings:
         factor = 1
         if "layout" in config:
             ls = config.layout.sampling
-            layout = LayoutSampling("sample", int(ls.steps), float(ls.temperature), float(ls.guidance),
-                                    config.layout.get("map_upsample", "nearest"))
+            layout = LayoutSampling(
+                mode="sample", steps=int(ls.steps), temperature=float(ls.temperature), guidance=float(ls.guidance),
+                map_upsample=config.layout.get("map_upsample", "nearest"),
+                choice_temperature=float(ls.get("choice_temperature", LayoutSampling.choice_temperature)))
             factor = model_configs.layout_factor(config)
         return cls(image_size=int(config.data.image_size), schedule_args=model_configs.schedule_args(config),
                    prompting=conditioning.Prompting.from_tokenizer(tokenizer),
@@ -107,11 +112,13 @@ class Settings:
                                    solver=self.solver if solver is None else solver)
 
     def layout_sampling(self, mode: Optional[str] = None, steps: Optional[int] = None,
-                        temperature: Optional[float] = None, guidance: Optional[float] = None) -> LayoutSampling:
+                        temperature: Optional[float] = None, guidance: Optional[float] = None,
+                        choice_temperature: Optional[float] = None) -> LayoutSampling:
         """The configured layout sampling with the given fields replaced."""
         given = dict(mode=mode, steps=None if steps is None else int(steps),
                      temperature=None if temperature is None else float(temperature),
-                     guidance=None if guidance is None else float(guidance))
+                     guidance=None if guidance is None else float(guidance),
+                     choice_temperature=None if choice_temperature is None else float(choice_temperature))
         return dataclasses.replace(self.layout, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -262,6 +269,7 @@ def _layout_sampler(config, text_config, sampling: LayoutSampling, upsample: int
         shape = (tokens.shape[0], config.resolution, config.resolution)
         if sampling.mode == "map":
             return masked.most_probable_map(logits_fn, shape, n, upsample, sampling.map_upsample)
-        return masked.sample_maps(logits_fn, rng, shape, n, sampling.steps, sampling.temperature)
+        return masked.sample_maps(logits_fn, rng, shape, n, sampling.steps, sampling.temperature,
+                                  sampling.choice_temperature)
 
     return _jit(run, settings)

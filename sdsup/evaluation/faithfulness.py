@@ -41,6 +41,18 @@ _MIN_AREA_SHARE = 0.5  # of the smallest true instance seen in calibration: spec
 BOOTSTRAP = 2000
 
 
+def calibrate(dataset, examples: int = 512, batch_size: int = 32, full_frame: bool = False) -> "Calibration":
+    """The check's object geometry from the first `examples` ground-truth maps of a dataset's train split
+    (at the evaluation's geometry: centred crops, or whole frames with `full_frame`)."""
+    maps, stated = [], []
+    source = dataset.source("train")
+    for batch in dataset.eval_batches("train", batch_size, limit=examples, full_frame=full_frame):
+        for j in np.nonzero(batch["mask"])[0]:
+            maps.append(batch["label"][j])
+            stated.append(facts_of(dataset.spec, source[int(batch["index"][j])], batch["caption"][j]))
+    return Calibration.fit(maps, stated, dataset.spec.class_names)
+
+
 def facts_of(spec, record: dict, caption: str) -> List[Fact]:
     """The facts a record's caption states: the dataset's own (`caption_facts`) or the classes it names."""
     if spec.caption_facts is not None:

@@ -145,14 +145,7 @@ class Evaluator:
     def calibration(self) -> faithfulness.Calibration:
         """The faithfulness check's object geometry, from the train split's ground-truth maps (once)."""
         if self._calibration is None:
-            maps, stated = [], []
-            source = self.dataset.source("train")
-            for batch in self._batches("train", EVAL_BATCH, CALIBRATION_EXAMPLES):
-                for j in np.nonzero(batch["mask"])[0]:
-                    maps.append(batch["label"][j])
-                    stated.append(faithfulness.facts_of(self.dataset.spec, source[int(batch["index"][j])],
-                                                        batch["caption"][j]))
-            self._calibration = faithfulness.Calibration.fit(maps, stated, self.dataset.spec.class_names)
+            self._calibration = faithfulness.calibrate(self.dataset, CALIBRATION_EXAMPLES, EVAL_BATCH, self.full_frame)
         return self._calibration
 
     def _reader(self, label, image=None) -> faithfulness.MapReader:
