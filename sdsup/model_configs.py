@@ -18,6 +18,7 @@ from sdsup.models.clip_text import CLIPTextConfig
 from sdsup.models.controlnet import ControlNetConfig
 from sdsup.models.layout import LayoutConfig
 from sdsup.models.drn import DRNConfig, DRNSegmenter
+from sdsup.models.segformer import SegformerConfig, SegformerSegmenter
 from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
 from sdsup.models.unet import UNetConfig
 from sdsup.models.vae import VAEConfig
@@ -116,7 +117,12 @@ def discriminator_network(config, seg_config: SegmenterConfig) -> UperNetSegment
                             dtype=jnp.dtype(c.get("discriminator_dtype", "float32")))
 
 
-def segmenter_network(seg_config: Union[SegmenterConfig, DRNConfig]) -> Union[UperNetSegmenter, DRNSegmenter]:
-    """The module of a segmenter's config: sdsup's UperNet (either style) or an imported DRN (Cityscapes' evaluator).
-    Both take [-1, 1] images, return logits at the input size and have `pooled_features`."""
-    return DRNSegmenter(seg_config) if isinstance(seg_config, DRNConfig) else UperNetSegmenter(seg_config)
+def segmenter_network(seg_config: Union[SegmenterConfig, DRNConfig, SegformerConfig]
+                      ) -> Union[UperNetSegmenter, DRNSegmenter, SegformerSegmenter]:
+    """The module of a segmenter's config: sdsup's UperNet (either style), an imported DRN (Cityscapes' evaluator)
+    or an imported Segformer. All take [-1, 1] images, return logits at the input size and have `pooled_features`."""
+    if isinstance(seg_config, DRNConfig):
+        return DRNSegmenter(seg_config)
+    if isinstance(seg_config, SegformerConfig):
+        return SegformerSegmenter(seg_config)
+    return UperNetSegmenter(seg_config)

@@ -50,8 +50,8 @@ STAGE_ROLES = {
 }
 
 
-# Model kinds that segment images (`model_configs.segmenter_network` builds either).
-SEGMENTER_KINDS = ("segmenter", "drn_segmenter")
+# Model kinds that segment images (`model_configs.segmenter_network` builds any of them).
+SEGMENTER_KINDS = ("segmenter", "drn_segmenter", "segformer_segmenter")
 
 
 class WorkdirError(SdsupError):
@@ -214,8 +214,8 @@ class Workdir:
         return models.with_conditioner((config, params), table, unet)
 
     def segmenter(self, stage: str):
-        """(config, variables {params, batch_stats}) of stage "evalseg" (a UperNet or, imported, a DRN) or
-        "discriminator"."""
+        """(config, variables {params, batch_stats}) of stage "evalseg" (a UperNet or, imported, a DRN or a
+        Segformer) or "discriminator"."""
         return self.load_model(stage, "model", SEGMENTER_KINDS)
 
 

@@ -85,8 +85,8 @@ class Models:
 
 
 class Segmenter:
-    """A trained segmenter (the evaluation segmenter; a UperNet, or an imported DRN): label maps and domain
-    features of uint8 images."""
+    """A trained segmenter (the evaluation segmenter; a UperNet, or an imported DRN or Segformer): label maps and
+    domain features of uint8 images."""
 
     def __init__(self, config, variables, compiler_options: tuple = ()):
         self.config, self.variables = config, variables

@@ -19,7 +19,8 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from sdsup.errors import SdsupError
-from sdsup.models import clip_text, clip_vision, controlnet, drn, inception, layout, segmenter, unet, vae
+from sdsup.models import (clip_text, clip_vision, controlnet, drn, inception, layout, segformer, segmenter, unet,
+                          vae)
 
 CONFIG_FILE, PARAMS_FILE = "config.json", "params.safetensors"
 
@@ -37,6 +38,7 @@ CONFIG_CLASSES: Dict[str, Any] = {
     "image_encoder": clip_vision.CLIPVisionConfig,  # CLIP vision tower (+ projection), e.g. for CLIP score
     "segmenter": segmenter.SegmenterConfig,
     "drn_segmenter": drn.DRNConfig,  # fyu/drn's DRN-D (Cityscapes' image-mIoU evaluator; sdsup.convert drn)
+    "segformer_segmenter": segformer.SegformerConfig,  # transformers' Segformer (evaluator; sdsup.convert segformer)
     "layout": layout.LayoutConfig,
     "inception": inception.InceptionConfig,  # FID features (sdsup.convert.inception)
 }

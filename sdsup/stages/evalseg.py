@@ -7,9 +7,10 @@ would grade its own student. Leaves `WORKDIR/evalseg/model/` (the variables
 
 With `evalseg.pretrained` (an sdsup segmenter directory: the paper's
 evaluators, the CSAIL UperNet-R101 for ADE20K from `python -m sdsup.convert
-csail` or the DRN-D-105 for Cityscapes from `python -m sdsup.convert drn`)
-nothing is trained: that segmenter is copied in and its validation mIoU on
-real images measured.
+csail` or the DRN-D-105 for Cityscapes from `python -m sdsup.convert drn`;
+or an alternative, a transformers UperNet or Segformer from `python -m
+sdsup.convert upernet` / `segformer`) nothing is trained: that segmenter is
+copied in and its validation mIoU on real images measured.
 """
 
 from __future__ import annotations
