@@ -92,6 +92,59 @@ def captioned_grid(rows: Sequence[dict], class_names: Sequence[str], palette: Se
     return np.concatenate(out_rows, 0)
 
 
+FACT_HELD, FACT_FAILED, FACT_UNCHECKED = (0, 140, 60), (200, 30, 30), (130, 130, 130)
+
+
+def facts_panel(facts: Sequence, width: int, height: int, row: int = 13) -> np.ndarray:
+    """A caption's facts, one per line: a green tick-box for a fact that holds, a red cross for one that
+    does not, grey for one that could not be checked. `facts` is [(text, True | False | None)]."""
+    img = Image.new("RGB", (width, max(height, row * len(facts) + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = _font(10)
+    for k, (text, ok) in enumerate(facts):
+        y = 2 + k * row
+        colour = FACT_UNCHECKED if ok is None else FACT_HELD if ok else FACT_FAILED
+        box = [2, y + 1, 2 + row - 5, y + row - 4]
+        draw.rectangle(box, outline=colour, width=1)
+        if ok:
+            draw.line([(box[0] + 2, y + 6), (box[0] + 4, box[3] - 2), (box[2] - 1, box[1] + 2)], fill=colour, width=2)
+        elif ok is not None:
+            draw.line([(box[0] + 2, box[1] + 2), (box[2] - 2, box[3] - 2)], fill=colour, width=2)
+            draw.line([(box[0] + 2, box[3] - 2), (box[2] - 2, box[1] + 2)], fill=colour, width=2)
+        draw.text((row + 2, y), text, fill=colour if ok is False else (0, 0, 0), font=font)
+    return np.asarray(img)
+
+
+def faithfulness_grid(rows: Sequence[dict], class_names: Sequence[str], palette: Sequence, ignore_id: int = 255,
+                      scale: int = 3, caption_width: int = 200, facts_width: int = 170) -> np.ndarray:
+    """One row per caption: caption | panels, each a layout map or an image, an image followed by the facts
+    that hold in it (ticked) and do not (crossed).
+
+    Each row dict has `caption` and `panels`: [(array, facts or None)], facts as for `facts_panel`.
+    """
+    out_rows = []
+    for r in rows:
+        cells, present = [], set()
+        for array, facts in r["panels"]:
+            p = np.asarray(array)
+            if p.ndim == 2:
+                present |= set(np.unique(p).tolist()) - {ignore_id}
+                p = colorize(p, palette, ignore_id)
+            cells.append(np.repeat(np.repeat(p, scale, 0), scale, 1))
+            if facts is not None:
+                cells.append(facts_panel(facts, facts_width, cells[-1].shape[0]))
+            cells.append(np.full((cells[-1].shape[0], 4, 3), 255, np.uint8))
+        height = max(c.shape[0] for c in cells)
+        leg = legend(class_names, palette, present or None)
+        height = max(height, min(leg.shape[0], 2 * height))
+        cells = [_text_panel(r.get("caption", ""), caption_width, height)] + cells + [leg]
+        out_rows.append(np.concatenate([_fit(c, height) for c in cells], 1))
+        out_rows.append(np.full((4, out_rows[-1].shape[1], 3), 200, np.uint8))
+    width = max(r.shape[1] for r in out_rows)
+    out_rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in out_rows]
+    return np.concatenate(out_rows, 0)
+
+
 def save_png(array: np.ndarray, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(np.asarray(array, np.uint8)).save(path)

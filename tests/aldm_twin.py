@@ -1,6 +1,6 @@
 """The tiny twins of configs/aldm.py: fixtures in each dataset's real layout, a random-weight SD pipeline and
 segmenter checkpoints in their PyTorch formats, and `sdsup.train` on them (tests/test_real_configs.py,
-tests/test_real_twins.py)."""
+tests/test_real_twins.py, tests/test_folder_twin.py)."""
 
 import json
 import os
@@ -149,14 +149,15 @@ def run_twin(name, root, sd15, *flags):
     return workdir
 
 
-def check_control(workdir, name):
+def check_control(workdir, name, cached=None):
     """What every twin's control stage must show: SD imported, the recipe's lambda_adv, the latent cache where
-    the geometry allows one, the adversarial branch taken."""
+    the geometry allows one (`cached`; default: the config's), the adversarial branch taken."""
     done = {s: json.loads((workdir / s / "DONE.json").read_text()) for s in ("vae", "ldm", "control")}
     assert done["vae"]["pretrained"].endswith("sd15/vae") and done["ldm"]["pretrained"].endswith("sd15")
     assert done["control"]["lambda_adv"] == {"ade20k": 0.5, "cityscapes": 0.1, "folder": 0.5}[name]
+    cached = name != "cityscapes" if cached is None else cached
     caches = list((workdir / "control" / "latent_cache").glob("*/manifest.json"))
-    assert len(caches) == (0 if name == "cityscapes" else 1) and done["control"]["latent_cache"] == (name != "cityscapes")
+    assert len(caches) == int(cached) and done["control"]["latent_cache"] == cached
     assert any(v > 0 for v in scalars(workdir / "control", "loss/adv"))  # the adversarial branch ran
     stats = json.loads((workdir / "data" / "stats.json").read_text())
     assert stats["dataset"] == name and stats["splits"]["train"]["examples"] == 8

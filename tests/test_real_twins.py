@@ -3,11 +3,7 @@ tests/test_real_configs.py), on the stages where its config differs from ADE20K'
 discriminator head (19 classes + fake, [-1, 1] pixels), random 32x32 crops of 32x64 frames (so no latent
 cache) and a DRN evaluator (`sdsup.convert drn`).
 
-configs/aldm.py:folder,tiny (the discriminator stage pretraining a CSAIL-style UperNet on the user's
-classes, `control` starting from it) runs with `run_twin("folder", ...)` too; it is not in the suite,
-whose 15-minute budget it would break, and its parts are: the folder dataset through every smoke stage
-(tests/test_folder_pipeline.py), the discriminator stage feeding `control` (tests/test_smoke_pipeline.py)
-and the CSAIL network's training step (tests/models/test_csail_segmenter.py).
+The folder's twin is tests/test_folder_twin.py.
 """
 
 import json
@@ -16,7 +12,7 @@ import pytest
 
 from aldm_twin import check_control, import_tiny_sd, run_twin
 
-# Whole-frame evaluation is tested on the folder dataset (tests/test_folder_pipeline.py); here the DRN evaluator
+# Whole-frame evaluation is tested on the folder dataset (tests/test_folder_twin.py); here the DRN evaluator
 # is imported and scores the real validation frames (evalseg).
 STAGES = {"cityscapes": ("data", "vae", "ldm", "control", "evalseg")}
 

@@ -61,6 +61,17 @@ def test_every_stage_finished_with_its_outputs(workdir):
     assert metrics["images/control/image_miou"] == metrics["images/control/layout_miou"]  # same (true) layout
     assert 0.0 <= metrics["images/real/miou"] <= 1.0 and metrics["images/clip_skipped"] == 1.0
     assert "## Images" in report and "evaluation/per_class_iou.png" in report and "sdsup.train" in report
+    # Faithfulness: every variant, the sampled layouts, real images and the ground truth (the check's ceiling),
+    # and the paired differences against text_only.
+    assert metrics["images/ground_truth/faith/facts"] >= 0.9
+    for row in VARIANTS + ("real", "text_layout_image/layout"):
+        prefix = f"images/{row}_faith" if row.endswith("/layout") else f"images/{row}/faith"
+        assert 0.0 <= metrics[f"{prefix}/facts"] <= 1.0 and metrics[f"{prefix}/facts_checked"] > 0, row
+    diff = {k: metrics[f"images/text_layout_image/faith_vs_text_only/{k}"] for k in ("difference", "ci_low", "ci_high")}
+    assert diff["ci_low"] <= diff["difference"] <= diff["ci_high"]
+    assert "## Faithfulness" in report and "evaluation/faithfulness_examples.png" in report
+    for picture in ("faithfulness.png", "faithfulness_examples.png"):
+        assert (workdir / "evaluation" / picture).stat().st_size > 1000, picture
     assert (workdir / "evaluation" / "per_class_iou.png").stat().st_size > 1000
     # TensorBoard event files with the losses.
     assert list((workdir / "control").glob("events.out.tfevents.*"))
@@ -195,7 +206,7 @@ def test_ablation_on_top_of_the_run(workdir, tmp_path):
     ablation = json.loads((out / "ablation.json").read_text())
     assert set(ablation["variants"]) == {"text_only", "control", "aldm", "text_layout_image"}
     for v, metrics in ablation["variants"].items():
-        assert set(metrics) == {"fid", "image_miou", "layout_miou"}
+        assert {"fid", "image_miou", "layout_miou", "faith_facts", "faith_object"} <= set(metrics)
         for m in metrics.values():
             assert set(m) == {"mean", "std", "values"} and len(m["values"]) == 1 and m["std"] == 0.0
     assert set(ablation["target"]) >= {"image_miou_gain", "fid_ratio", "met"}
@@ -203,7 +214,10 @@ def test_ablation_on_top_of_the_run(workdir, tmp_path):
     assert (out / "runs" / "control_s0" / "control" / "DONE.json").exists()
     assert not (out / "runs" / "aldm_s0").exists()
     assert json.loads((out / "runs" / "control_s0" / "control" / "DONE.json").read_text())["lambda_adv"] == 0.0
+    assert set(ablation["faithfulness"]["vs_text_only"]) == {"control", "aldm", "text_layout_image"}
+    assert 0.0 <= ablation["faithfulness"]["sampled_layouts"]["facts"] <= 1.0
     report = (out / "report.md").read_text()
+    assert "## Faithfulness" in report and "| text_layout_image | " in report.split("## Faithfulness")[1]
     for v in ablation["variants"]:
         assert f"| {v} |" in report
     assert "## Discussion" in report and "One seed only" in report

@@ -182,6 +182,11 @@ def faithfulness_section(workdir: str, metrics: Dict[str, float]) -> List[str]:
             lines.append(f"| {v} | {_fmt(metrics[key + '/difference'])} | "
                          f"{_fmt(metrics.get(key + '/ci_low'))} .. {_fmt(metrics.get(key + '/ci_high'))} |")
     lines += [""] + _picture(workdir, "evaluation/faithfulness.png", "facts that hold, per kind")
+    examples = _picture(workdir, "evaluation/faithfulness_examples.png", "facts per image")
+    if examples:
+        lines += ["caption | sampled layout | text_only image | text_layout_image image (same noise), each with the "
+                  "caption's facts ticked (hold) or crossed (do not) in the evaluation segmenter's reading:", ""]
+        lines += examples
     return lines
 
 

@@ -48,6 +48,17 @@ def faithfulness_metrics(prefix: str, scored: faithfulness.Scored) -> dict:
     return {f"{prefix}/{k}": float(v) for k, v in scored.summary().items()}
 
 
+def faithfulness_examples(rows: dict, spec, count: int = 4):
+    """caption | sampled layout | text_only image | text_layout_image image, each image with its facts ticked
+    or crossed (the same captions and noise in both variants)."""
+    grid = []
+    for plain, generated in list(zip(rows["text_only"], rows["text_layout_image"]))[:count]:
+        grid.append({"caption": plain["caption"],
+                     "panels": [(generated["layout"], None), (plain["image"], plain["facts"]),
+                                (generated["image"], generated["facts"])]})
+    return viz.faithfulness_grid(grid, spec.class_names, spec.palette, spec.ignore_id)
+
+
 def paired_faithfulness(scored: dict, baseline: str = "text_only") -> dict:
     """images/<variant>/faith_vs_<baseline>/{difference, ci_low, ci_high}: pooled fact accuracy of each
     variant minus the baseline's on the same captions, seeds and noise, with a 95% bootstrap interval."""
@@ -92,12 +103,12 @@ def evaluate_workdir(workdir: Workdir, config, dataset: Dataset, settings: pipel
     for row, scored in evaluator.real_faithfulness(split, num_examples).items():
         metrics.update(faithfulness_metrics(f"images/{row}/faith", scored))
     out = workdir.stage_dir("evaluation", create=True)
-    scored = {}
+    scored, rows = {}, {}
     for v in variants:
         result = evaluator.evaluate_variant(v, models, split=split, num_examples=num_examples, seed=seed,
                                             clip_scorer=scorer, inception=inception)
         metrics.update(images.flat_metrics(f"images/{v}", result))
-        scored[v] = result["faithfulness"]
+        scored[v], rows[v] = result["faithfulness"], result["rows"]
         if "layout_faithfulness" in result:
             metrics.update(faithfulness_metrics(f"images/{v}/layout_faith", result["layout_faithfulness"]))
         metrics.update({f"images/{v}/iou/{c}": val for c, val in result["per_class_iou"].items()})
@@ -105,6 +116,8 @@ def evaluate_workdir(workdir: Workdir, config, dataset: Dataset, settings: pipel
             viz.save_png(viz.captioned_grid(sample_rows(result["rows"]), spec.class_names, spec.palette,
                                             spec.ignore_id), os.path.join(out, f"samples_{v}.png"))
     metrics.update(paired_faithfulness(scored))
+    if jax.process_index() == 0 and {"text_only", "text_layout_image"} <= set(rows):
+        viz.save_png(faithfulness_examples(rows, spec), os.path.join(out, "faithfulness_examples.png"))
     if jax.process_index() == 0:
         report.merge_metrics(workdir.path, metrics)
         report.record_command(workdir.path, config, split=split, examples=num_examples, seed=seed)

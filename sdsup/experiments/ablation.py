@@ -39,8 +39,8 @@ from ml_collections import config_flags
 
 from sdsup import cli, config_lib, parallel, stages, viz
 from sdsup.errors import SdsupError
-from sdsup.evaluation import images, report, suite
-from sdsup.workdir import Workdir
+from sdsup.evaluation import faithfulness, images, report, suite
+from sdsup.workdir import Workdir, config_differences
 
 def define_flags():
     f = types.SimpleNamespace()
@@ -61,6 +61,7 @@ SHARED_STAGES = ("data", "vae", "ldm", "layout", "discriminator", "evalseg")
 # Config sections that decide the shared stages: a reused workdir must agree on all of them.
 SHARED_SECTIONS = ("data", "text", "vae", "diffusion", "ldm", "layout", "discriminator", "evalseg", "input")
 METRICS = ("fid", "image_miou", "layout_miou")
+FAITH_METRICS = ("facts", "captions_all_right", "object", "count", "position", "relation", "colour")
 TARGET_MIOU_GAIN, TARGET_FID_RATIO = 0.05, 1.1
 
 
@@ -81,7 +82,9 @@ def check_reusable(config, workdir: str, stage_names) -> None:
     ours = _plain(config)
     for section in SHARED_SECTIONS:
         if section in ours and theirs.get(section) != ours[section]:
-            raise AblationError(f"--from_workdir={workdir} was trained with another config.{section}; "
+            named = next(config_differences(theirs.get(section), ours[section], section), None)
+            what = f" (config.{named[0]} is {named[2]!r} here, {named[1]!r} there)" if named else ""
+            raise AblationError(f"--from_workdir={workdir} was trained with another config.{section}{what}; "
                                 f"the ablation needs the shared stages of this config")
     for name in stage_names:
         if not wd.is_done(name):
@@ -116,7 +119,11 @@ def summarize(values: Dict[str, List[dict]]) -> dict:
     out = {}
     for variant, results in values.items():
         out[variant] = {}
-        for m, key in (("fid", "fid_segfeat"), ("image_miou", "image_miou"), ("layout_miou", "layout_miou")):
+        pairs = [("fid", "fid_segfeat"), ("image_miou", "image_miou"), ("layout_miou", "layout_miou")]
+        pairs += [(f"faith_{m}", f"faith/{m}") for m in FAITH_METRICS]
+        for m, key in pairs:
+            if not all(key in r for r in results):
+                continue  # e.g. a kind of fact no caption states
             xs = [float(r[key]) for r in results]
             out[variant][m] = {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "values": xs}
     return out
@@ -141,12 +148,17 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
     for needed in ("vae", "ldm", "evalseg", "layout"):
         if needed not in shared_names:
             raise AblationError(f"the ablation needs stage {needed!r} in config.stages")
+    if examples is not None and examples < 2:
+        raise AblationError(f"--examples must be at least 2 (FID needs two), got {examples}")
+    if from_workdir:  # checked before anything is written
+        check_reusable(config, Workdir(from_workdir).path, shared_names)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise AblationError(f"--workdir {workdir} exists and is not a directory")
     mesh = parallel.make_mesh(config.mesh)
+    os.makedirs(workdir, exist_ok=True)
     if from_workdir:
         shared = Workdir(from_workdir)
-        check_reusable(config, shared.path, shared_names)
     else:
         shared = Workdir(os.path.join(workdir, "shared"))
         shared.write_config(config_lib.to_json(config))
@@ -161,6 +173,7 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
     evaluator = images.Evaluator(shared_ctx.dataset, suite.load_segmenter(shared, settings.compiler_options),
                                  settings, full_frame=bool(cfg_eval.get("full_frame", False)))
     results: Dict[str, List[dict]] = {v: [] for v in VARIANTS}
+    faith: Dict[str, List[faithfulness.Scored]] = {v: [] for v in VARIANTS + ("sampled_layouts",)}
     first_rows: Dict[str, list] = {}
     for s in range(seeds):
         conditioners = {}
@@ -184,9 +197,13 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
             r = evaluator.evaluate_variant(kind, models, split=split, num_examples=examples, seed=s)
             first_rows.setdefault(name, r.pop("rows"))
             r.pop("rows", None)
+            faith[name].append(r.pop("faithfulness"))
+            if "layout_faithfulness" in r:
+                faith["sampled_layouts"].append(r.pop("layout_faithfulness"))
             results[name].append(r)
     summary = summarize(results)
-    out = {"variants": summary, "target": target_check(summary), "seeds": seeds, "split": split,
+    out = {"variants": summary, "target": target_check(summary), "faithfulness": faithfulness_summary(faith),
+           "seeds": seeds, "split": split,
            "examples": examples, "config": _plain(config), "shared": shared.path,
            "per_seed": {v: [{k: x for k, x in r.items() if k != "per_class_iou"} for r in rs]
                         for v, rs in results.items()}}
@@ -202,6 +219,19 @@ def run(config, workdir: str, seeds: int, from_workdir: Optional[str] = None, sp
         report.record_command(workdir, config, split=split, examples=examples, seeds=seeds)
         write_report(workdir, out)
     logging.info("ablation: %s", json.dumps(out["target"]))
+    return out
+
+
+def faithfulness_summary(faith: Dict[str, List[faithfulness.Scored]]) -> dict:
+    """Captions of every seed pooled: the sampled layouts' own faithfulness, and each variant's pooled fact
+    accuracy minus text_only's on the same captions and noise, with a 95% bootstrap interval."""
+    pooled = {v: faithfulness.Scored(held=[h for s in scored for h in s.held],
+                                     coherence=[c for s in scored for c in s.coherence])
+              for v, scored in faith.items() if scored}
+    out = {"vs_text_only": {v: faithfulness.paired_difference(pooled[v], pooled["text_only"])
+                            for v in VARIANTS if v != "text_only" and v in pooled}}
+    if "sampled_layouts" in pooled:
+        out["sampled_layouts"] = pooled["sampled_layouts"].summary()
     return out
 
 
@@ -255,6 +285,30 @@ def discussion(out: dict) -> List[str]:
     return lines
 
 
+def faithfulness_lines(out: dict) -> List[str]:
+    """The faithfulness table (mean +- std over seeds) and the paired differences against text_only."""
+    v, f = out["variants"], out.get("faithfulness", {})
+    if "faith_facts" not in v.get("text_only", {}):
+        return []
+    columns = [m for m in FAITH_METRICS if all(f"faith_{m}" in v[name] for name in VARIANTS)]
+    lines = ["", "## Faithfulness", "",
+             "The share of what each caption states that holds in the evaluation segmenter's reading of the image "
+             "(objects, \"two\" as two, positions, relations, colours; `sdsup.evaluation.faithfulness`).", "",
+             "| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name in VARIANTS:
+        lines.append(f"| {name} | " + " | ".join(_pm(v[name][f"faith_{m}"]) for m in columns) + " |")
+    layouts = f.get("sampled_layouts")
+    if layouts:
+        lines.append("| (text_layout_image's sampled layouts) | " + " | ".join(
+            f"{layouts[m]:.3f}" if m in layouts else "n/a" for m in columns) + " |")
+    if f.get("vs_text_only"):
+        lines += ["", "Pooled fact accuracy minus text_only's, every seed's captions pooled (same captions and noise; "
+                  "95% bootstrap interval):", "", "| variant | difference | 95% interval |", "|---|---|---|"]
+        for name, d in f["vs_text_only"].items():
+            lines.append(f"| {name} | {d['difference']:+.3f} | {d['ci_low']:+.3f} .. {d['ci_high']:+.3f} |")
+    return lines
+
+
 def write_report(workdir: str, out: dict) -> None:
     v = out["variants"]
     lines = ["# Ablation: adversarial supervision (ALDM) on the segmentation conditioner", "",
@@ -264,6 +318,7 @@ def write_report(workdir: str, out: dict) -> None:
     for name in VARIANTS:
         lines.append(f"| {name} | {_pm(v[name]['image_miou'])} | {_pm(v[name]['layout_miou'])} | "
                      f"{_pm(v[name]['fid'], 2)} |")
+    lines += faithfulness_lines(out)
     lines += ["", "## Discussion", ""] + [f"- {x}" for x in discussion(out)] + [""]
     lines += ["## Samples (seed 0)", "",
               "caption | ground-truth layout | text_only | control | aldm | generated layout | text_layout_image", "",
@@ -276,7 +331,7 @@ def write_report(workdir: str, out: dict) -> None:
 
 
 def main(f):
-    config = f.config.value
+    config = cli.loaded_config(f.config)
     cli.use_compilation_cache(config)
     out = run(config, f.workdir.value, f.seeds.value, f.from_workdir.value, f.split.value, f.examples.value)
     print(json.dumps({k: {m: round(x["mean"], 4) for m, x in d.items()} for k, d in out["variants"].items()}))
