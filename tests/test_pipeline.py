@@ -1,6 +1,7 @@
 """Input pipeline: shapes, process sharding, resumable state, flips, global batches."""
 
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -278,3 +279,26 @@ def test_a_square_layout_is_stretched_onto_a_whole_frame():
     np.testing.assert_array_equal(stretch_labels(square, (2, 4)), [[[0, 0, 1, 1], [2, 2, 3, 3]]])
     np.testing.assert_array_equal(stretch_labels(square, (4, 2)), [[[0, 1], [0, 1], [2, 3], [2, 3]]])
     assert stretch_labels(square, (2, 2)) is square
+
+
+def _build_in_child(data_dir, queue):
+    config = ConfigDict(dict(name="scenes", data_dir=data_dir, image_size=16, seed=3, num_train=64, num_validation=8,
+                             num_test=8))
+    builder = registry.prepare(registry.SCENES, config)
+    queue.put(len(builder.as_data_source("train")))
+
+
+def test_runs_sharing_a_data_dir_build_a_dataset_once(tmp_path):
+    """Two runs starting at once on a fresh data_dir: one builds, the other waits and reads the same files
+    (unlocked, the second build replaced the first one's shards under it)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    children = [context.Process(target=_build_in_child, args=(str(tmp_path), queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(300)
+    assert [child.exitcode for child in children] == [0, 0]
+    assert [queue.get(timeout=5) for _ in children] == [64, 64]
+    versions = list((tmp_path / "sdsup_scenes").glob("*/1.0.0"))
+    assert len(versions) == 1 and not list((tmp_path / "sdsup_scenes").glob("*/incomplete*"))

@@ -8,10 +8,12 @@ nothing else changes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Callable, Optional, Tuple
 
+import filelock
 import numpy as np
 
 from sdsup.data import scenes
@@ -177,9 +179,26 @@ def prepare(spec: DatasetSpec, data_config):
             raise DatasetError(
                 f"dataset {spec.name} is not prepared under {builder.data_dir} and needs your files: "
                 f"see its builder's manual_dir instructions")
-        builder.download_and_prepare(file_format="array_record")
+        with _build_lock(builder.data_dir):
+            # Another run sharing this data_dir may have built it while this one waited.
+            builder = spec.make_builder(data_config)
+            if not builder.is_prepared():
+                builder.download_and_prepare(file_format="array_record")
     verify(spec, builder)
     return builder
+
+
+@contextlib.contextmanager
+def _build_lock(version_dir: str):
+    """Serialises builds of one dataset version across processes on this filesystem: two runs sharing a
+    data_dir that build the same version at once would otherwise replace each other's files mid-read."""
+    if "://" in version_dir:  # object stores (gs://) have no file locks; build there from one process
+        yield
+        return
+    parent = os.path.dirname(os.path.normpath(version_dir))
+    os.makedirs(parent, exist_ok=True)
+    with filelock.FileLock(os.path.join(parent, f".{os.path.basename(os.path.normpath(version_dir))}.build.lock")):
+        yield
 
 
 def verify(spec: DatasetSpec, builder) -> None:
