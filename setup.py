@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     # Input: tfds builders written as array_record, read with grain.
     "tensorflow-datasets>=4.9.10",
     "array-record>=0.8",
+    # Runs sharing a data_dir build each dataset version once (sdsup.data.registry.prepare).
+    "filelock>=3.0",
     "grain>=0.2.18",
     # tfds' download_and_prepare imports it without declaring it (tfds 4.9.10).
     "importlib_resources>=6.0",
@@ -37,8 +39,8 @@ EXTRAS_REQUIRE = {
     # torch is only the PyTorch side of the interop tests and benchmarks.
     # pytest-xdist: the suite runs on 2 processes (`-n 2`); XLA compiles one program per core.
     # 3.8 added --no-loadscope-reorder, which keeps the slowest files first (tests/conftest.py).
-    # filelock: one smoke run shared by all pytest-xdist workers (tests/smoke_workdir.py).
-    "test": ["pytest>=8.0", "pytest-xdist>=3.8", "torch>=2.4", "filelock>=3.0"],
+    # selenium: drives the system's Chromium in the demo's browser test (tests/test_demo.py).
+    "test": ["pytest>=8.0", "pytest-xdist>=3.8", "torch>=2.4", "selenium>=4.51"],
     "tpu": ["jax[tpu]>=0.10"],
     "cuda": ["jax[cuda12]>=0.10"],
 }
@@ -50,9 +52,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["sdsup", "sdsup.*"]),
-    # Files read at run time: the scenes vocabulary, and the text the converters write next to an export.
+    # Files read at run time: the scenes vocabulary, the text the converters write next to an export, the demo page.
     package_data={"sdsup": ["data/*.txt", "convert/templates/*.md", "convert/templates/*.template",
-                            "convert/templates/export_readme/*.md"]},
+                            "convert/templates/export_readme/*.md", "demo/static/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -33,6 +33,18 @@ def check_prompt(prompt: str) -> str:
     return prompt.strip()
 
 
+def check_out_dir(out: str) -> None:
+    """Raises InferenceError if `out` (--out) cannot become a directory of outputs: it or a parent is a file."""
+    path = os.path.abspath(out)
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InferenceError(f"--out {out}: {path} exists and is not a directory")
+
+
 def load_layout(path: str, spec: registry.DatasetSpec, size: int) -> np.ndarray:
     """A label map [size, size] of class ids (uint8) from .npy or .png."""
     if not os.path.exists(path):
@@ -79,8 +91,8 @@ def _colours_to_ids(rgb: np.ndarray, spec, path: str) -> np.ndarray:
         ids[keys == key] = cid
     if (ids < 0).any():
         y, x = np.argwhere(ids < 0)[0]
-        raise InferenceError(f"layout {path}: colour {tuple(rgb[y, x])} at ({y}, {x}) is not in the "
-                             f"{spec.name} palette")
+        colour = tuple(int(v) for v in rgb[y, x])  # plain ints: numpy scalars print as np.uint8(...)
+        raise InferenceError(f"layout {path}: colour {colour} at ({y}, {x}) is not in the {spec.name} palette")
     return ids
 
 
