@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from sdsup.cli import run_argparse
+from sdsup.cli import ArgumentParser, run_argparse
 from sdsup.errors import SdsupError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -347,7 +347,7 @@ def _meta(out: str, captions: Dict[str, str], run: dict, runs: List[dict]) -> di
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m sdsup.caption",
         description="Caption every .jpg/.jpeg/.png of a folder with a local BLIP model; write {stem: caption} "
                     "as JSON (resumable; settings in OUT.meta.json).")

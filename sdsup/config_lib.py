@@ -132,6 +132,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _validate_evaluate(config)
 
 
+def check_only(only, config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError if `only` (sdsup.train's --only) names a stage the config does not run."""
+    stage_names = tuple(_get(config, "stages"))
+    for name in only or ():
+        if name not in stage_names:
+            raise ConfigError(f"--only names {name!r}, which is not one of config.stages {list(stage_names)}")
+
+
 def _number_in(config, key: str, low: float, high: float, high_open: bool = False) -> None:
     value = _get(config, key)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (

@@ -11,13 +11,15 @@ IoU bars. Defaults come from the run's `config.evaluate`. The logic is in
 `sdsup.evaluation`.
 """
 
+import os
 import types
 
 from absl import flags
 
 from sdsup import cli, inference
 from sdsup.data.dataset import Dataset
-from sdsup.evaluation import suite
+from sdsup.evaluation import images, suite
+from sdsup.models import io as model_io
 
 def define_flags():
     f = types.SimpleNamespace()
@@ -34,9 +36,23 @@ def define_flags():
     return f
 
 
-def main(f):
+def check_flags(f) -> None:
+    """Flag values that are wrong on their own, checked before any model or data is read."""
     if f.examples.value is not None and f.examples.value < 2:
         raise inference.InferenceError(f"--examples must be at least 2 (FID needs two), got {f.examples.value}")
+    unknown = [v for v in f.variants.value or () if v not in images.VARIANTS]
+    if unknown:
+        raise inference.InferenceError(f"--variants: unknown variants {unknown}; known: {list(images.VARIANTS)}")
+    if f.clip.value and not os.path.isdir(f.clip.value):
+        raise inference.InferenceError(f"--clip_dir {f.clip.value} is not a directory (a local CLIP model, "
+                                       "transformers layout)")
+    if f.inception.value and not os.path.isfile(os.path.join(f.inception.value, model_io.CONFIG_FILE)):
+        raise inference.InferenceError(f"--inception_dir {f.inception.value} holds no sdsup model (no "
+                                       f"{model_io.CONFIG_FILE}); convert one with python -m sdsup.convert.inception")
+
+
+def main(f):
+    check_flags(f)
     session = inference.Session.from_workdir(f.workdir.value)
     session.workdir.require("evalseg")
     metrics = suite.evaluate_workdir(session.workdir, session.config, Dataset.open(session.config, session.tokenizer),

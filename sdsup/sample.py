@@ -38,15 +38,25 @@ def define_flags():
     return f
 
 
-def main(f):
+def check_flags(f) -> None:
+    """Every flag value that can be wrong on its own, checked before the workdir's models are read."""
     if f.num.value < 1:
         raise inference.InferenceError(f"--num_samples must be at least 1, got {f.num.value}")
-    if f.steps.value is not None and f.steps.value < 1:
-        raise inference.InferenceError(f"--steps must be at least 1, got {f.steps.value}")
-    prompt = inference.check_prompt(f.prompt.value)
-    session = inference.Session.from_workdir(f.workdir.value)
+    for flag in (f.steps, f.layout_steps):
+        if flag.value is not None and flag.value < 1:
+            raise inference.InferenceError(f"--{flag.name} must be at least 1, got {flag.value}")
+    for flag in (f.guidance, f.layout_guidance, f.layout_temperature):
+        if flag.value is not None and not flag.value >= 0:  # also NaN
+            raise inference.InferenceError(f"--{flag.name} must be >= 0, got {flag.value}")
     if f.layout.value and f.layout_only.value:
         raise inference.InferenceError("--layout_only generates a layout; it cannot be combined with --layout")
+    inference.check_out_dir(f.out.value)
+
+
+def main(f):
+    check_flags(f)
+    prompt = inference.check_prompt(f.prompt.value)
+    session = inference.Session.from_workdir(f.workdir.value)
     layout = inference.load_layout(f.layout.value, session.spec, session.size) if f.layout.value else None
     if layout is None and (f.layout_only.value or session.has_layout_model):
         layouts = session.layouts(prompt, f.num.value, f.seed.value, f.layout_mode.value, f.layout_steps.value,

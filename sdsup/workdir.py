@@ -20,13 +20,26 @@ Stages write through `save_model` and `mark_done`; everything that uses a
 trained model (sampling, evaluation, export, the ablation, benchmarks) reads
 through the loaders here, which name the stage to re-run when a file is
 missing or damaged.
+
+A stage's DONE.json records the size and SHA-256 of every model file the
+stage left (`model_files`: each model directory's files and the control
+stage's class table). The loaders check a model's files against that record
+before reading them, so a file damaged or replaced after its stage finished
+stops the run with an error naming the file and the stage to re-run; it is
+never used. A DONE.json without the record (a workdir written before it
+existed) loads unverified, as before.
+
+A workdir belongs to one config: `write_config` refuses a config that
+differs from the workdir's own in a section a finished stage was built
+from (`STAGE_SECTIONS`), before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import ml_collections
 import numpy as np
@@ -52,6 +65,27 @@ STAGE_ROLES = {
 
 # Model kinds that segment images (`model_configs.segmenter_network` builds any of them).
 SEGMENTER_KINDS = ("segmenter", "drn_segmenter", "segformer_segmenter")
+
+# DONE.json's record of the stage's model files: {path relative to the stage dir: {"bytes", "sha256"}}.
+MODEL_FILES_KEY = "model_files"
+# Stage subdirectories that hold no finished model (training state, pictures, caches).
+UNRECORDED_DIRS = ("checkpoints", "samples", "latent_cache")
+
+# The config sections each stage's outputs were built from: once the stage has finished, a config that changes
+# one of them no longer describes the workdir (`Workdir.check_config`). Later stages also read earlier stages'
+# models; those stages' own sections cover that.
+STAGE_SECTIONS = {
+    "data": ("data",),
+    "vae": ("data", "vae"),
+    "ldm": ("data", "text", "vae", "diffusion", "ldm"),
+    "layout": ("data", "text", "layout"),
+    "discriminator": ("data", "discriminator"),
+    "control": ("data", "text", "vae", "diffusion", "discriminator", "control"),
+    "evalseg": ("data", "evalseg"),
+    "evaluate": ("evaluate",),
+}
+# Keys (last part) that change where things are kept or how often a stage reports, not what it makes.
+BOOKKEEPING_KEYS = ("data_dir", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
 
 
 class WorkdirError(SdsupError):
@@ -94,13 +128,20 @@ class Workdir:
                                f"(python -m sdsup.train ... --workdir={self.path} --only={name})")
 
     def summary(self, name: str) -> dict:
+        """What stage `name` returned when it finished (DONE.json without the workdir's record of model files)."""
         with open(self.done_marker(name)) as f:
-            return json.load(f)
+            summary = json.load(f)
+        summary.pop(MODEL_FILES_KEY, None)
+        return summary
 
     def mark_done(self, name: str, summary: dict) -> None:
-        """Writes the stage's DONE.json atomically: a crash never leaves half a marker."""
+        """Writes the stage's DONE.json atomically (a crash never leaves half a marker), with the size and
+        SHA-256 of every model file the stage left."""
         marker = self.done_marker(name)
         os.makedirs(os.path.dirname(marker), exist_ok=True)  # a stage need not write files of its own
+        record = record_model_files(os.path.dirname(marker))
+        if record:
+            summary = dict(summary, **{MODEL_FILES_KEY: record})
         tmp = marker + ".tmp"
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
@@ -121,8 +162,34 @@ class Workdir:
             raise WorkdirError(f"cannot read {self.file(CONFIG_FILE)}: {type(e).__name__}: {e}") from None
         return ml_collections.ConfigDict(config_lib.upgrade(raw))
 
+    def check_config(self, text: str) -> None:
+        """Raises WorkdirError if the config (JSON `text`) differs from this workdir's own in a section that a
+        finished stage was built from; writes nothing."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise WorkdirError(f"--workdir {self.path} exists and is not a directory")
+        if not self.has_config():
+            return
+        finished = [name for name in STAGE_SECTIONS if self.is_done(name)]
+        if not finished:
+            return
+        ours = self.config().to_dict()  # brought up to date (config_lib.upgrade), as the stages read it
+        theirs = json.loads(text)
+        for name in finished:
+            for section in STAGE_SECTIONS[name]:
+                if section not in ours or section not in theirs:
+                    continue
+                for key, old, new in config_differences(ours[section], theirs[section], section):
+                    raise WorkdirError(
+                        f"{self.path} was trained with another config: config.{key} is {new!r} here but {old!r} in "
+                        f"its {CONFIG_FILE}, and stage {name} finished with that value. Use a new --workdir, or "
+                        f"re-train stage {name} and those after it (delete their DONE.json)")
+
     def write_config(self, text: str) -> None:
-        """Writes config.json; an earlier, different one is kept as config.<n>.json."""
+        """Writes config.json; an earlier, different one is kept as config.<n>.json.
+
+        A config that no longer describes the finished stages is refused first (`check_config`).
+        """
+        self.check_config(text)
         os.makedirs(self.path, exist_ok=True)
         path = self.file(CONFIG_FILE)
         if os.path.exists(path):
@@ -181,6 +248,7 @@ class Workdir:
         directory = control_dir or self.stage_dir("control")
         config, params = load_model_dir(os.path.join(directory, "controlnet"), "controlnet", stage="control")
         table_path = os.path.join(directory, CLASS_TABLE_FILE)
+        check_recorded_files(table_path, "control")
         try:
             table = np.load(table_path, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -227,10 +295,11 @@ def load_model_dir(directory: str, kind: Union[None, str, Sequence[str]] = None,
     the config key that named the directory (`what`, e.g. "config.vae.pretrained").
     """
     name = f"{what}={directory}" if what else directory
-    how = (f"; re-run stage {stage} (delete {os.path.join(os.path.dirname(directory), DONE_FILE)}, "
-           f"then train with --only={stage})") if stage else ""
+    how = _how_to_rerun(directory, stage) if stage else ""
     if not os.path.exists(os.path.join(directory, model_io.CONFIG_FILE)):
         raise WorkdirError(f"{name} holds no sdsup model (no {model_io.CONFIG_FILE}){how}")
+    if stage:
+        check_recorded_files(directory, stage)
     try:
         got, config, params, _ = model_io.load(directory)
     except model_io.ModelFileError as e:
@@ -239,3 +308,90 @@ def load_model_dir(directory: str, kind: Union[None, str, Sequence[str]] = None,
     if kinds is not None and got not in kinds:
         raise WorkdirError(f"{name} holds a {got}, not a {' or a '.join(kinds)}")
     return config, params
+
+
+def _how_to_rerun(path: str, stage: str) -> str:
+    """"; re-run stage S (...)" for a file or model directory directly inside stage S's directory."""
+    return (f"; re-run stage {stage} (delete {os.path.join(os.path.dirname(os.path.abspath(path)), DONE_FILE)}, "
+            f"then train with --only={stage})")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_files(stage_dir: str) -> Iterator[str]:
+    """Every file of the model directories under `stage_dir` (those holding params.safetensors) and its class
+    table, as paths relative to `stage_dir`."""
+    for folder, dirs, files in os.walk(stage_dir):
+        dirs[:] = sorted(d for d in dirs if d not in UNRECORDED_DIRS)
+        is_model = model_io.PARAMS_FILE in files
+        for name in sorted(files):
+            if is_model or (folder == stage_dir and name == CLASS_TABLE_FILE):
+                yield os.path.relpath(os.path.join(folder, name), stage_dir)
+
+
+def record_model_files(stage_dir: str) -> Dict[str, dict]:
+    """{path relative to `stage_dir`: {"bytes", "sha256"}} of the stage's model files (DONE.json's record)."""
+    record = {}
+    for rel in _model_files(stage_dir):
+        path = os.path.join(stage_dir, rel)
+        record[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return record
+
+
+def check_recorded_files(path: str, stage: str) -> None:
+    """Raises WorkdirError if a model directory (or file) of a finished stage differs from what its DONE.json
+    recorded: a file missing, of another size, or with other bytes. Without a record (a workdir from before
+    records, or no readable DONE.json) the files pass unverified."""
+    path = os.path.abspath(path)
+    stage_dir = os.path.dirname(path)
+    marker = os.path.join(stage_dir, DONE_FILE)
+    try:
+        with open(marker) as f:
+            record = json.load(f).get(MODEL_FILES_KEY)
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(record, dict):
+        return
+    prefix = os.path.relpath(path, stage_dir)
+    how = _how_to_rerun(path, stage)
+    for rel in sorted(record):
+        if rel != prefix and not rel.startswith(prefix + os.sep):
+            continue
+        entry, file = record[rel], os.path.join(stage_dir, rel)
+        if not os.path.isfile(file):
+            raise WorkdirError(f"{file} is missing: stage {stage} left it when it finished{how}")
+        size = os.path.getsize(file)
+        if size != entry.get("bytes"):
+            raise WorkdirError(f"{file} is {size} bytes, but stage {stage} finished with {entry.get('bytes')}: it "
+                               f"was cut short or replaced since{how}")
+        if _sha256(file) != entry.get("sha256"):
+            raise WorkdirError(f"{file} is damaged: its bytes differ from those stage {stage} finished with "
+                               f"(SHA-256 recorded in {marker}){how}")
+
+
+def config_differences(ours: Any, theirs: Any, key: str) -> Iterator[Tuple[str, Any, Any]]:
+    """(key, our value, their value) for every leaf both configs (plain dicts, under `key`) set to different
+    values, bookkeeping keys aside.
+
+    A key only one of them has is no difference: a workdir written before a key was added, or after one was
+    dropped, still describes its stages.
+    """
+    if key.rsplit(".", 1)[-1] in BOOKKEEPING_KEYS:
+        return
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        for name in sorted(set(ours) & set(theirs)):
+            yield from config_differences(ours[name], theirs[name], f"{key}.{name}")
+        return
+    if _plain(ours) != _plain(theirs):
+        yield key, ours, theirs
+
+
+def _plain(value: Any) -> Any:
+    """A config value as config.json holds it (tuples as lists, other objects as their str)."""
+    return json.loads(json.dumps(value, default=str))

@@ -1,4 +1,4 @@
-"""python -m sdsup.convert {import,export,csail,drn,upernet}: pretrained weights <-> sdsup model directories.
+"""python -m sdsup.convert {import,export,csail,drn,upernet,segformer}: pretrained weights <-> sdsup model dirs.
 
   python -m sdsup.convert import --pretrained=DIFFUSERS_DIR --out=OUT
       DIFFUSERS_DIR: a diffusers pipeline directory (model_index.json, unet/,
@@ -35,6 +35,12 @@
       backbone; safetensors) -> an sdsup segmenter directory: an alternative
       evaluator for --config.evalseg.pretrained=OUT.
 
+  python -m sdsup.convert segformer --pretrained=segformer-b0-finetuned-ade-512-512 --out=OUT
+      a local transformers SegformerForSemanticSegmentation (MiT-b0..b5;
+      model.safetensors, or pytorch_model.bin read with
+      torch.load(weights_only=True)) -> an sdsup segmenter directory: another
+      alternative evaluator for --config.evalseg.pretrained=OUT.
+
 Errors are printed as one line, `error: ...`, with exit status 1; set
 SDSUP_DEBUG=1 to get tracebacks instead.
 """
@@ -51,18 +57,18 @@ from typing import Optional
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from sdsup.convert import csail, drn, exporter, importer, segmenter  # noqa: E402
-from sdsup.cli import run_argparse  # noqa: E402
+from sdsup.convert import csail, drn, exporter, importer, segformer, segmenter  # noqa: E402
+from sdsup.cli import ArgumentParser, run_argparse  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m sdsup.convert",
         description="Convert between diffusers pipeline directories and sdsup model directories, or import "
                     "CSAIL (mit_semseg) UperNet segmenter weights.",
         epilog="See `python -m sdsup.convert import --help`, `... export --help` and `... csail --help`.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{import,export,csail,drn,upernet}")
+    sub = parser.add_subparsers(dest="command", metavar="{import,export,csail,drn,upernet,segformer}")
     sub.required = True
 
     imp = sub.add_parser(
@@ -130,6 +136,19 @@ def _parser() -> argparse.ArgumentParser:
                          help="normalisation of [0, 1] pixels (default: preprocessor_config.json, else ImageNet)")
     upernet.add_argument("--image_std", default=None, metavar="R,G,B", help="as --image_mean")
     upernet.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+
+    segf = sub.add_parser(
+        "segformer", help="transformers SegformerForSemanticSegmentation directory -> sdsup segmenter directory",
+        description="Convert a local transformers Segformer (MiT-b0..b5 + all-MLP head, saved with save_pretrained; "
+                    "e.g. a copy of nvidia/segformer-b0-finetuned-ade-512-512) into an sdsup segmenter directory: "
+                    "an alternative image-mIoU evaluator for --config.evalseg.pretrained.")
+    segf.add_argument("--pretrained", "--source", dest="pretrained", required=True, metavar="DIR",
+                      help="config.json + model.safetensors (or pytorch_model.bin, read with weights_only=True)")
+    segf.add_argument("--out", required=True, metavar="OUT", help="sdsup model directory to write")
+    segf.add_argument("--image_mean", default=None, metavar="R,G,B",
+                      help="normalisation of [0, 1] pixels (default: preprocessor_config.json, else ImageNet)")
+    segf.add_argument("--image_std", default=None, metavar="R,G,B", help="as --image_mean")
+    segf.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
     return parser
 
 
@@ -165,6 +184,13 @@ def run(argv) -> int:
                                    image_std=_rgb(parser, "image_std", args.image_std, None),
                                    overwrite=args.overwrite, log=_log)
         print(f"imported UperNet-{config.backbone} segmenter ({config.num_classes} classes) into {args.out}")
+    elif args.command == "segformer":
+        config = segformer.convert(args.pretrained, args.out,
+                                   image_mean=_rgb(parser, "image_mean", args.image_mean, None),
+                                   image_std=_rgb(parser, "image_std", args.image_std, None),
+                                   overwrite=args.overwrite, log=_log)
+        print(f"imported Segformer segmenter (stages {config.hidden_sizes}, {config.num_classes} classes) into "
+              f"{args.out}")
     elif args.command == "drn":
         config = drn.convert(args.checkpoint, args.out, overwrite=args.overwrite, log=_log)
         print(f"imported DRN-{config.arch} segmenter ({config.num_classes} classes) into {args.out}")

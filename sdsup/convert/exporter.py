@@ -73,7 +73,7 @@ from sdsup.data.tokenizers import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, WordTokeni
 from sdsup import config_lib
 from sdsup.errors import SdsupError
 from sdsup.models import io as model_io
-from sdsup.workdir import CLASS_TABLE_FILE, CONFIG_FILE, Workdir
+from sdsup.workdir import CLASS_TABLE_FILE, CONFIG_FILE, Workdir, check_recorded_files
 
 # Class names of the exported components in model_index.json.
 DIFFUSERS_CLASSES = {
@@ -208,10 +208,12 @@ def _source_from_workdir(root: str) -> ExportSource:
         path = workdir.model_dir(stage, item)
         if not os.path.isdir(path):
             raise PipelineConvertError(f"{name}: {path} not found (has stage {stage!r} finished?)")
+        check_recorded_files(path, stage)  # a model file damaged after its stage finished is never exported
         src.models[name] = _load_model(path, name, name)
         src.model_dirs[name] = path
     cn_dir = workdir.model_dir("control", "controlnet")
     if os.path.isdir(cn_dir):
+        check_recorded_files(cn_dir, "control")
         src.models["controlnet"] = _load_model(cn_dir, "controlnet", "controlnet")
         src.model_dirs["controlnet"] = cn_dir
     else:
@@ -265,6 +267,7 @@ def _source_from_workdir(root: str) -> ExportSource:
         table_path = os.path.join(workdir.stage_dir("control"), CLASS_TABLE_FILE)
         if not os.path.isfile(table_path):
             raise PipelineConvertError(f"controlnet: {table_path} not found (the class-embedding table)")
+        check_recorded_files(table_path, "control")
         try:
             table = np.load(table_path, allow_pickle=False)
         except Exception as e:

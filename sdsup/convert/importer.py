@@ -132,6 +132,7 @@ def import_pretrained(
     """
     if not pretrained or not os.path.isdir(pretrained):
         raise PipelineConvertError(f"--pretrained {pretrained} is not a directory")
+    check_floating_dtype(dtype)
     if same_or_nested(pretrained, out):
         raise PipelineConvertError(f"--out {out} must be outside --pretrained {pretrained} (and not contain it)")
     known = MODEL_COMPONENTS + COPIED_COMPONENTS
@@ -209,6 +210,19 @@ def import_pretrained(
         write_json(os.path.join(staging.path, MANIFEST), manifest)
         staging.commit()
     return manifest
+
+
+def check_floating_dtype(dtype: Optional[str]) -> None:
+    """Raises PipelineConvertError unless `dtype` (--dtype) is None or a floating dtype numpy knows."""
+    if dtype is None:
+        return
+    try:
+        known = np.dtype(dtype)
+    except TypeError:
+        known = None
+    if known is None or not (np.issubdtype(known, np.floating) or known.name == "bfloat16"):
+        raise PipelineConvertError(f"--dtype {dtype!r} is not a floating dtype (e.g. float32, float16, bfloat16; "
+                                   "'keep' keeps the stored dtypes)")
 
 
 def _check_copied(name: str, src: str, model_index: Optional[dict]) -> Dict[str, Any]:

@@ -56,7 +56,7 @@ import numpy as np
 import safetensors.numpy
 
 from sdsup.convert.torch_layout import ConversionError, flatten, to_numpy, unflatten
-from sdsup.cli import run_argparse
+from sdsup.cli import ArgumentParser, run_argparse
 from sdsup.errors import SdsupError
 from sdsup.models import io as model_io
 from sdsup.models.inception import InceptionConfig, abstract_variables
@@ -296,7 +296,7 @@ def export_torch_weights(model_dir: str, torch_out: str) -> InceptionConfig:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m sdsup.convert.inception",
         description="Convert Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or a "
                     "torchvision inception_v3 state dict) into an sdsup model directory, or back.")

@@ -221,10 +221,56 @@ def verify(spec: DatasetSpec, builder) -> None:
 
 
 def data_source(spec: DatasetSpec, builder, split: str):
-    """Random-access source of decoded records for grain."""
+    """Random-access source of decoded records for grain; a record that cannot be read raises a DatasetError
+    naming the split and the index (`CheckedSource`)."""
     if split not in spec.splits:
         raise DatasetError(f"dataset {spec.name} has no split {split!r}; splits: {spec.splits}")
-    return builder.as_data_source(split)
+    return CheckedSource(builder.as_data_source(split), spec.name, split, str(builder.data_dir))
+
+
+class CheckedSource:
+    """A split's records, read through `source`, with every read failure as a DatasetError naming the split and
+    the record's index.
+
+    The policy for damaged records is to stop, never to skip: array_record checks a hash per chunk, so bytes
+    damaged inside a built dataset fail the read of the records in that chunk (a RuntimeError from riegeli,
+    or a decoding error), and training or evaluation on silently fewer examples would change results without
+    a trace. Grain re-raises the error from its reader threads and worker processes, so nothing waits on a
+    record that never comes. `dataset.verify` only reads each split's first and last record.
+    """
+
+    def __init__(self, source, dataset: str, split: str, where: str):
+        self.source, self.dataset, self.split, self.where = source, dataset, split, where
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __repr__(self) -> str:
+        return f"CheckedSource({self.dataset}, split={self.split!r}, {len(self)} records, {self.where})"
+
+    def _unreadable(self, index, error: Exception) -> DatasetError:
+        return DatasetError(f"dataset {self.dataset}: record {index} of split {self.split!r} cannot be read "
+                            f"({type(error).__name__}: {' '.join(str(error).split())}); the dataset's files under "
+                            f"{self.where} are damaged: delete that directory to rebuild it (or restore it)")
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)) and not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of split {self.split!r} is out of range (0..{len(self) - 1})")
+        try:
+            return self.source[index]
+        except Exception as e:  # riegeli's hash mismatch, a record that does not decode
+            raise self._unreadable(index, e) from e
+
+    def __getitems__(self, indices):
+        try:
+            return self.source.__getitems__(indices)
+        except Exception:  # read them one by one, so the error names the damaged record
+            return [self[i] for i in indices]
+
+    def __getattr__(self, name):
+        if name in ("source", "dataset", "split", "where"):  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)
 
 
 # ----------------------------------------------------------------------------
