@@ -37,15 +37,22 @@ class MeshError(SdsupError, ValueError):
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
-                           auto: bool = False) -> bool:
+                           auto: bool = False,
+                           heartbeat_timeout_s: Optional[int] = None) -> bool:
     """Joins a multi-process JAX run; returns whether one was joined.
 
     Explicit arguments win, then the environment variables JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID. `auto=True` lets JAX detect the
     cluster itself (TPU pods, SLURM, Open MPI). With none of these, this is a
     single-process run and nothing happens.
+
+    `heartbeat_timeout_s` (default JAX's, 100 s) bounds how long the other
+    processes wait when one of them dies: after that long without its
+    heartbeats the coordination service declares it dead, and JAX ends every
+    other process (it aborts, naming the dead task; docs/reliability.md).
     """
     env = os.environ
+    timeouts = {"heartbeat_timeout_seconds": int(heartbeat_timeout_s)} if heartbeat_timeout_s else {}
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and env.get("JAX_NUM_PROCESSES"):
         num_processes = int(env["JAX_NUM_PROCESSES"])
@@ -57,11 +64,11 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                             "(flags or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
         if not 0 <= process_id < num_processes:
             raise MeshError(f"process_id {process_id} is outside [0, {num_processes})")
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, **timeouts)
         return True
     if auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
         return True
     return False
 

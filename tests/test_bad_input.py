@@ -22,9 +22,7 @@ the real work is replaced by a failure for these calls, so a row that gets
 past its checks fails at once. Rows marked `subprocess` also run as real
 processes, started together, to prove that what a real user sees has no
 traceback either. Rows that need a finished workdir read the shared smoke
-run (`smoke_run` in conftest.py) or damage a private copy of it. A row with
-`pending` waits for a fix in a file outside this change: an expected failure
-until then.
+run (`smoke_run` in conftest.py) or damage a private copy of it.
 """
 
 from __future__ import annotations
@@ -71,7 +69,6 @@ class Row:
     setup: Optional[Callable[[Context], None]] = None  # writes the row's bad files into ctx.tmp (or ctx.wd)
     workdir: str = ""  # "": none; "shared": the shared finished run, read-only; "copy": a private copy to damage
     subprocess: bool = False  # also run it as a real `python -m` process
-    pending: str = ""  # a fix this row waits for, in a file outside this change (the row is an expected failure)
 
 
 # ------------------------------------------------------------------------------------------------ bad files
@@ -140,11 +137,6 @@ def _blip_without_weights(ctx: Context) -> None:
            json.dumps({"model_type": "blip", "architectures": ["BlipForConditionalGeneration"]}).encode())
 
 
-# Rows that wait for a change in sdsup/train.py (another change owns that file; the report describes both).
-TRAIN_PARSER_FIX = ("sdsup/train.py: use sdsup.cli's flag parser (cli.run(main, define_flags)), which cuts the "
-                    "traceback config_flags quotes when get_config raises down to the exception")
-TRAIN_ONLY_FIX = "sdsup/train.py: check --only against config.stages (config_lib.check_only) before any stage runs"
-
 GARBAGE = b"\x00\x01 this is not what the file name says \xff" * 8
 NPY_HEADER_ONLY = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (9,), }"
 
@@ -182,11 +174,11 @@ ROWS = [
     Row("train/config_file_not_python", "train", ["--config={tmp}/notes.txt", "--workdir={tmp}/wd"], "notes.txt",
         setup=_files(**{"notes.txt": b"just words\n"})),
     Row("train/config_argument_unknown", "train", ["--config=configs/scenes.py:tiniest", "--workdir={tmp}/wd"],
-        "tiniest", pending=TRAIN_PARSER_FIX),
+        "tiniest"),
     Row("train/config_without_get_config", "train", ["--config={tmp}/empty.py", "--workdir={tmp}/wd"],
         "get_config", setup=_files(**{"empty.py": b"X = 1\n"})),
     Row("train/unknown_stage_in_only", "train", ["--config=" + SMOKE, "--workdir={tmp}/wd", "--only=data,vea"],
-        "--only names 'vea'", pending=TRAIN_ONLY_FIX),
+        "--only names 'vea'"),
     Row("train/workdir_is_a_file", "train", ["--config=" + SMOKE, "--workdir={tmp}/file"], "file",
         setup=_files(file=b"not a directory")),
     Row("train/workdir_from_another_config", "train",
@@ -392,12 +384,7 @@ def no_real_work(monkeypatch):
     block_real_work(monkeypatch)
 
 
-def _param(row: Row):
-    marks = [pytest.mark.xfail(strict=True, reason=row.pending)] if row.pending else []
-    return pytest.param(row, id=row.id, marks=marks)
-
-
-@pytest.mark.parametrize("row", [_param(r) for r in ROWS])
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
 def test_bad_input(row, tmp_path, request, monkeypatch, no_real_work):
     monkeypatch.chdir(ROOT)  # configs/... as a user types it, from the repository
     monkeypatch.delenv("SDSUP_DEBUG", raising=False)
@@ -410,7 +397,7 @@ def test_bad_input(row, tmp_path, request, monkeypatch, no_real_work):
     assert jax.config.jax_compilation_cache_dir == cache
 
 
-SUBPROCESS_ROWS = [r for r in ROWS if r.subprocess and not r.pending]
+SUBPROCESS_ROWS = [r for r in ROWS if r.subprocess]
 
 
 def test_real_processes_show_no_traceback(tmp_path, request):

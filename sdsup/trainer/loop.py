@@ -12,9 +12,8 @@ mesh and hardware).
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
@@ -25,6 +24,7 @@ from clu import metric_writers, periodic_actions
 
 from sdsup import viz
 from sdsup.errors import SdsupError
+from sdsup.trainer import checkpoint, preemption
 from sdsup.trainer.checkpoint import Checkpointer, abstract_like
 
 # Peak dense bf16 TFLOP/s per device, for MFU. Unknown devices (CPU) report
@@ -46,32 +46,8 @@ class TrainingDiverged(SdsupError):
     """A loss term became NaN or Inf."""
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved and the run should exit cleanly."""
-
-
-class _SigtermFlag:
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading_is_main():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.raised = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_is_main() -> bool:
-    return threading.current_thread() is threading.main_thread()
+# Raised by the loop after saving on SIGTERM; the CLI exits with preemption.RETRY_EXIT_STATUS.
+Preempted = preemption.Preempted
 
 
 def check_finite(name: str, step: int, metrics: Dict[str, Any], last_good: Optional[int]) -> None:
@@ -122,23 +98,25 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
     Raises Preempted after saving when SIGTERM arrives, TrainingDiverged when a
     metric becomes non-finite (without saving the bad state).
     """
-    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep_checkpoints, asynchronous_checkpoints)
-    start, data_state = 0, None
-    if ckpt.latest_step() is not None:
-        state, data_state, start = ckpt.restore(abstract_like(state, shardings))
-        logging.info("%s: resumed from step %d", name, start)
-    if start >= num_steps:
-        ckpt.close()
-        return state
-    batches = make_batches(data_state or None)
-    writer = metric_writers.create_default_writer(stage_dir, just_logging=jax.process_index() > 0)
-    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=log_every)
-    peak = device_peak_tflops(peak_tflops)
-    last_good = start if start else None
-    pending = None  # (step, metrics): checked one step late so the device never waits on the host
-    timer_steps, timer_start = 0, time.perf_counter()
-    try:
-        with _SigtermFlag() as sigterm:
+    # From here on SIGTERM means: save after this step, then stop; a full disk is one clear error.
+    with preemption.deferred() as sigterm, _disk_full_as_one_error(name, stage_dir):
+        ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep_checkpoints, asynchronous_checkpoints)
+        start, data_state = 0, None
+        if ckpt.latest_step() is not None:
+            # The newest intact checkpoint: unreadable newer ones are skipped with a warning (checkpoint.py).
+            state, data_state, start = ckpt.restore(abstract_like(state, shardings))
+            logging.info("%s: resumed from step %d", name, start)
+        if start >= num_steps:
+            ckpt.close()
+            return state
+        batches = make_batches(data_state or None)
+        writer = metric_writers.create_default_writer(stage_dir, just_logging=jax.process_index() > 0)
+        report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=log_every)
+        peak = device_peak_tflops(peak_tflops)
+        last_good = start if start else None
+        pending = None  # (step, metrics): checked one step late so the device never waits on the host
+        timer_steps, timer_start = 0, time.perf_counter()
+        try:
             for step in range(start + 1, num_steps + 1):
                 batch = next(batches)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
@@ -171,21 +149,40 @@ def run(*, name: str, stage_dir: str, state: Any, shardings: Any, step_fn: Calla
                     check_finite(name, step, metrics, last_good)
                     ckpt.save(step, state, batches.get_state(), config)
                     last_good = step
+                if preempted:  # before hooks and pictures: a preemption notice leaves little time
+                    ckpt.wait()
+                    raise Preempted(f"{name}: stopped at step {step} on SIGTERM; checkpoint saved")
                 if hook_every and (step % hook_every == 0 or step == num_steps):
                     for hook in hooks:
                         hook(step, state)
                 if pictures is not None and picture_every and step % picture_every == 0:
                     _write_picture(writer, stage_dir, step, pictures(step, state))
-                if preempted:
-                    ckpt.wait()
-                    raise Preempted(f"{name}: stopped at step {step} on SIGTERM; checkpoint saved")
-    finally:
-        writer.flush()
-        ckpt.close()
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    return state
+        finally:
+            writer.flush()
+            ckpt.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        return state
+
+
+@contextlib.contextmanager
+def _disk_full_as_one_error(name: str, stage_dir: str):
+    """"No space left on device" from any writer of the loop (TensorBoard's, a picture's) as a DiskFullError that
+    says what is kept; a failed checkpoint write already says so (checkpoint.CheckpointWriteError)."""
+    try:
+        yield
+    except SdsupError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TensorFlow, PIL and orbax raise their own kinds
+        if not checkpoint.is_disk_full(e):
+            raise
+        steps = checkpoint.complete_steps(os.path.join(stage_dir, "checkpoints"))
+        kept = (f"its last complete checkpoint (step {steps[-1]}) is intact" if steps
+                else "it has no complete checkpoint yet")
+        raise checkpoint.DiskFullError(
+            f"stage {name}: no space left on device under {stage_dir}; {kept}. "
+            f"Free space, then run the same command again.") from e
 
 
 def _write_picture(writer, stage_dir: str, step: int, image: np.ndarray) -> None:
