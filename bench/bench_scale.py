@@ -41,6 +41,8 @@ import subprocess
 import sys
 import time
 
+from sdsup import config_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_DEVICE_BATCH = 4  # ALDM's per-GPU batch
 MICRO_SIZES = (1, 2)  # examples per micro-batch in the two compiles
@@ -59,8 +61,6 @@ USABLE_HBM = 0.92  # what a framework leaves for the program (runtime, fragmenta
 
 
 def _config(dataset: str, micro_size: int):
-    from sdsup import config_lib
-
     c = config_lib.load(os.path.join(ROOT, "configs", "aldm.py"), dataset)
     with c.unlocked():
         c.pretrained = "/unused"  # the networks are built here, with SD-1.5's shapes
@@ -256,7 +256,9 @@ def on_paper(dataset: str) -> dict:
     base_gib = first["temporaries_gib"] - per_example_gib * MICRO_SIZES[0]
     flops = aldm_tflops_per_example(first["network_tflops"], int(config.control.unroll_steps),
                                     int(config.control.n_lazy), first["cached"])
-    examples = int(config.control.num_steps) * int(config.control.batch_size)  # the paper's: 8 per step
+    # The paper's global batch (8), not the fake mesh's: _config sizes the compiled step at 4 per device.
+    paper = config_lib.load(os.path.join(ROOT, "configs", "aldm.py"), dataset)
+    examples = int(paper.control.num_steps) * int(paper.control.batch_size)
     machines = {}
     for name, (chips, hbm, peak) in HARDWARE.items():
         args = first["arguments_gib"][name]
