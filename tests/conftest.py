@@ -27,7 +27,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # the suite's wall time comes close to half its total work (the whole-pipeline runs and the mesh-compiled
 # control steps are most of it; README, "Development", has the latest timing).
 # Files the default run leaves out for the 15-minute budget; SDSUP_ALL_TESTS=1 runs them too.
-EXTENDED = ("test_faults_extended.py",)
+EXTENDED = ("test_faults_extended.py", "test_control_mesh_extended.py")
 collect_ignore = [] if os.environ.get("SDSUP_ALL_TESTS") == "1" else list(EXTENDED)
 
 SLOWEST_FIRST = ("test_smoke_pipeline.py", "test_control_step.py", "test_folder_twin.py", "test_real_configs.py",

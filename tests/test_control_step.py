@@ -1,4 +1,5 @@
-"""The ALDM control step is one program whatever the mesh: 1 device, data=8, data=2 x fsdp=4, 2 processes.
+"""The ALDM control step is one program whatever the mesh: 1 device and 2 processes on data=2 x fsdp=2
+(one process's data=2 x fsdp=4 is tests/test_control_mesh_extended.py, with the extended tests).
 
 One step takes the lazy adversarial branch (decoder with gradient, unrolled
 DDIM steps, segmenter update), the next the plain one; losses and every
@@ -90,15 +91,6 @@ def test_lazy_then_plain_step_trains_both_networks(one_device):
     gen = [k for k in first if k.startswith("['gen']['params']") and "controlnet_down_blocks" in k]
     assert gen and any(not np.array_equal(first[k], second[k]) for k in gen)
     assert all(np.isfinite(v).all() for v in states[-1].values())
-
-
-def test_one_step_matches_one_device(one_device):
-    """Data and FSDP axes together (2 x 4); each compile of this step costs the suite over a minute, so the
-    pure data-parallel mesh is left to the multi-process test."""
-    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
-    assert mesh.devices.size == 8
-    history, states = control_case.run(mesh, 1)
-    _assert_same(history, states, one_device[0][:1], one_device[1][:1])
 
 
 def test_two_processes_match_one_process(one_device, two_processes):
