@@ -30,6 +30,7 @@ from sdsup.convert import inception as convert_inception
 from sdsup.evaluation import suite
 from sdsup.experiments import ablation
 from sdsup.stages import common
+from sdsup.trainer import preemption
 
 TRACEBACK = "Traceback (most recent call last)"
 JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_platforms")
@@ -69,7 +70,12 @@ def call_in_process(name: str, argv: Sequence[str]) -> Outcome:
     err = io.StringIO()
     defined_before = set(flags.FLAGS)
     argv_before = sys.argv
-    sigterm_before = signal.getsignal(signal.SIGTERM)  # sdsup.train installs its own (a retry status)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    # sdsup.train installs the process's SIGTERM policy (a watcher thread that exits the process with the
+    # retry status): in a test worker it would outlive the call and end the worker at the next SIGTERM any
+    # later test sends itself. The policy has its own tests, in processes of their own (tests/test_faults.py).
+    install_policy = preemption.exit_on_sigterm
+    preemption.exit_on_sigterm = lambda: None
     # The entry points point JAX at their compilation cache (config.jax_cache_dir) and, for conversions, at the
     # CPU: the test process keeps its own settings.
     jax_before = {name: getattr(jax.config, name) for name in JAX_SETTINGS}
@@ -90,6 +96,7 @@ def call_in_process(name: str, argv: Sequence[str]) -> Outcome:
         return Outcome(status=1, stderr=err.getvalue(), escaped=traceback.format_exc())
     finally:
         sys.argv = argv_before
+        preemption.exit_on_sigterm = install_policy
         signal.signal(signal.SIGTERM, sigterm_before)
         for name, value in jax_before.items():
             if getattr(jax.config, name) != value:
