@@ -70,26 +70,8 @@ def captioned_grid(rows: Sequence[dict], class_names: Sequence[str], palette: Se
     Each row dict has `caption` and `panels`: a list of arrays, either images
     [H, W, 3] uint8 or label maps [H, W] (colour-coded with the palette).
     """
-    out_rows = []
-    for r in rows:
-        panels, present = [], set()
-        for p in r["panels"]:
-            p = np.asarray(p)
-            if p.ndim == 2:
-                present |= set(np.unique(p).tolist()) - {ignore_id}
-                p = colorize(p, palette, ignore_id)
-            p = np.repeat(np.repeat(p, scale, 0), scale, 1)
-            panels.append(p)
-            panels.append(np.full((p.shape[0], 4, 3), 255, np.uint8))
-        height = max(p.shape[0] for p in panels)
-        leg = legend(class_names, palette, present or None)
-        height = max(height, min(leg.shape[0], 4 * height))
-        cells = [_text_panel(r.get("caption", ""), caption_width, height)] + panels + [leg]
-        out_rows.append(np.concatenate([_fit(c, height) for c in cells], 1))
-        out_rows.append(np.full((4, out_rows[-1].shape[1], 3), 200, np.uint8))
-    width = max(r.shape[1] for r in out_rows)
-    out_rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in out_rows]
-    return np.concatenate(out_rows, 0)
+    rows = [{"caption": r.get("caption", ""), "panels": [(p, None) for p in r["panels"]]} for r in rows]
+    return _panel_grid(rows, class_names, palette, ignore_id, scale, caption_width, legend_factor=4)
 
 
 FACT_HELD, FACT_FAILED, FACT_UNCHECKED = (0, 140, 60), (200, 30, 30), (130, 130, 130)
@@ -122,6 +104,13 @@ def faithfulness_grid(rows: Sequence[dict], class_names: Sequence[str], palette:
 
     Each row dict has `caption` and `panels`: [(array, facts or None)], facts as for `facts_panel`.
     """
+    return _panel_grid(rows, class_names, palette, ignore_id, scale, caption_width, facts_width, legend_factor=2)
+
+
+def _panel_grid(rows: Sequence[dict], class_names: Sequence[str], palette: Sequence, ignore_id: int, scale: int,
+                caption_width: int, facts_width: int = 170, legend_factor: int = 2) -> np.ndarray:
+    """Rows of caption | panels (each followed by its facts, if any) | legend of the classes shown; a legend
+    may grow the row to `legend_factor` times its panels' height."""
     out_rows = []
     for r in rows:
         cells, present = [], set()
@@ -136,7 +125,7 @@ def faithfulness_grid(rows: Sequence[dict], class_names: Sequence[str], palette:
             cells.append(np.full((cells[-1].shape[0], 4, 3), 255, np.uint8))
         height = max(c.shape[0] for c in cells)
         leg = legend(class_names, palette, present or None)
-        height = max(height, min(leg.shape[0], 2 * height))
+        height = max(height, min(leg.shape[0], legend_factor * height))
         cells = [_text_panel(r.get("caption", ""), caption_width, height)] + cells + [leg]
         out_rows.append(np.concatenate([_fit(c, height) for c in cells], 1))
         out_rows.append(np.full((4, out_rows[-1].shape[1], 3), 200, np.uint8))
