@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdsup.models.layers import normalize_images
 from sdsup.models.partitioning import BIAS, CONV_KERNEL, with_axes
 from sdsup.models.segmenter import BatchNorm
 
@@ -259,12 +260,7 @@ class DRNSegmenter(nn.Module):
 
     def normalize(self, images: jax.Array) -> jax.Array:
         """[-1, 1] -> [0, 1] -> (x - mean) / std: the input the PyTorch DRNSeg expects."""
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
-        mean = jnp.asarray(self.config.image_mean, jnp.float32)
-        std = jnp.asarray(self.config.image_std, jnp.float32)
-        x = (images.astype(jnp.float32) + 1.0) * 0.5
-        return ((x - mean) / std).astype(jnp.dtype(self.config.dtype))
+        return normalize_images(images, self.config.image_mean, self.config.image_std, jnp.dtype(self.config.dtype))
 
     def features(self, images: jax.Array, train: bool = False) -> List[jax.Array]:
         """The outputs of layer1 .. layer8 (strides 1, 2, 4, 8, 8, 8, 8, 8)."""

@@ -208,6 +208,14 @@ class LayerNorm(nn.Module):
 # Timestep embedding.
 
 
+def normalize_images(images: Array, mean, std, dtype) -> Array:
+    """Pixels in [-1, 1] -> [0, 1] -> (x - mean) / std per channel: what PyTorch segmenters take as input."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
+    x = (images.astype(jnp.float32) + 1.0) * 0.5
+    return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
+
+
 def timestep_embedding(
     timesteps: Array,
     embedding_dim: int,

@@ -61,6 +61,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdsup.models.layers import normalize_images
 from sdsup.models.partitioning import BIAS, CONV_KERNEL, DENSE_KERNEL, with_axes
 from sdsup.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, BatchNorm, LayerNorm, resize_bilinear
 
@@ -354,12 +355,7 @@ class SegformerSegmenter(nn.Module):
 
     def normalize(self, images: jax.Array) -> jax.Array:
         """[-1, 1] -> [0, 1] -> (x - mean) / std: the PyTorch model's `pixel_values`."""
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
-        mean = jnp.asarray(self.config.image_mean, jnp.float32)
-        std = jnp.asarray(self.config.image_std, jnp.float32)
-        x = (images.astype(jnp.float32) + 1.0) * 0.5
-        return ((x - mean) / std).astype(jnp.dtype(self.config.dtype))
+        return normalize_images(images, self.config.image_mean, self.config.image_std, jnp.dtype(self.config.dtype))
 
     def features(self, images: jax.Array) -> List[jax.Array]:
         """Every stage's feature map (transformers' `hidden_states`, NHWC), strides 4, 8, 16, 32 for MiT."""

@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdsup.models.layers import normalize_images
 from sdsup.models.partitioning import BIAS, CONV_KERNEL, DENSE_KERNEL, NORM_PARAM, with_axes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -770,10 +771,7 @@ class UperNetSegmenter(nn.Module):
 
     def normalize(self, images: jax.Array) -> jax.Array:
         """[-1, 1] -> [0, 1] -> (x - mean) / std: the PyTorch model's `pixel_values`."""
-        mean = jnp.asarray(self.config.image_mean, jnp.float32)
-        std = jnp.asarray(self.config.image_std, jnp.float32)
-        x = (images.astype(jnp.float32) + 1.0) * 0.5
-        return ((x - mean) / std).astype(self.dtype)
+        return normalize_images(images, self.config.image_mean, self.config.image_std, self.dtype)
 
     def __call__(self, images: jax.Array, train: bool, return_aux: bool = False):
         """Logits [B, H, W, num_classes]; with `return_aux`, also the auxiliary head's logits.
