@@ -50,7 +50,7 @@ import numpy as np
 
 from sdsup.convert.pipeline_files import PipelineConvertError, read_json
 from sdsup.convert.safetensors_io import TRANSFORMERS_WEIGHTS, read_state_dict
-from sdsup.convert.segmenter import UperNetConversionError, normalization_from_preprocessor
+from sdsup.convert.segmenter import UperNetConversionError, normalization_overrides
 from sdsup.convert.torch_layout import (
     ConversionError,
     conv_bn_from_torch,
@@ -380,21 +380,10 @@ def load_transformers_segformer(directory: str, image_mean: Optional[Sequence[fl
     if not os.path.isdir(directory):
         raise SegformerConversionError(f"Segformer directory {directory} does not exist or is not a directory")
     config_json = _config_json(directory)
-    norm: Dict[str, Tuple[float, ...]] = {}
     try:
-        if image_mean is None and image_std is None:
-            path = os.path.join(directory, "preprocessor_config.json")
-            if os.path.isfile(path):
-                pre = read_json(path, "image processor config")
-                if not isinstance(pre, Mapping):
-                    raise SegformerConversionError(f"{path} does not hold a config object")
-                image_mean, image_std = normalization_from_preprocessor(pre)
+        norm = normalization_overrides(directory, image_mean, image_std)
     except (PipelineConvertError, UperNetConversionError) as e:
         raise SegformerConversionError(f"{directory}: {e}") from None
-    if image_mean is not None:
-        norm["image_mean"] = tuple(float(x) for x in image_mean)
-    if image_std is not None:
-        norm["image_std"] = tuple(float(x) for x in image_std)
     try:
         config = segformer_config_from_transformers(config_json, **norm, **overrides)
         state, _ = read_weights(directory)

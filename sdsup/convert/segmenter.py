@@ -487,6 +487,24 @@ def _rgb(value, what: str) -> Tuple[float, ...]:
     return tuple(v)
 
 
+def normalization_overrides(directory: str, image_mean=None, image_std=None) -> Dict[str, Tuple[float, ...]]:
+    """{"image_mean", "image_std"} for a transformers segmenter directory: the given values, else its
+    preprocessor_config.json's, else none (the config's defaults)."""
+    if image_mean is None and image_std is None:
+        path = os.path.join(directory, "preprocessor_config.json")
+        if os.path.isfile(path):
+            pre = read_json(path, "image processor config")
+            if not isinstance(pre, Mapping):
+                raise UperNetConversionError(f"{path} does not hold a config object")
+            image_mean, image_std = normalization_from_preprocessor(pre)
+    norm = {}
+    if image_mean is not None:
+        norm["image_mean"] = tuple(float(x) for x in image_mean)
+    if image_std is not None:
+        norm["image_std"] = tuple(float(x) for x in image_std)
+    return norm
+
+
 def normalization_from_preprocessor(preprocessor: Mapping[str, Any]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """(image_mean, image_std) on [0, 1] pixels equivalent to a transformers image processor's rescale + normalise.
 
@@ -534,18 +552,7 @@ def load_transformers_upernet(directory: str, image_mean: Optional[Sequence[floa
     config_json = read_json(os.path.join(directory, "config.json"), "UperNet config")
     if not isinstance(config_json, Mapping):
         raise UperNetConversionError(f"{directory}/config.json does not hold a config object")
-    if image_mean is None and image_std is None:
-        path = os.path.join(directory, "preprocessor_config.json")
-        if os.path.isfile(path):
-            pre = read_json(path, "image processor config")
-            if not isinstance(pre, Mapping):
-                raise UperNetConversionError(f"{path} does not hold a config object")
-            image_mean, image_std = normalization_from_preprocessor(pre)
-    norm = {}
-    if image_mean is not None:
-        norm["image_mean"] = tuple(float(x) for x in image_mean)
-    if image_std is not None:
-        norm["image_std"] = tuple(float(x) for x in image_std)
+    norm = normalization_overrides(directory, image_mean, image_std)
     try:
         config = segmenter_config_from_transformers(config_json, **norm, **overrides)
     except (TypeError, ValueError) as e:
