@@ -57,7 +57,7 @@ def get_config(arg: str = ""):
     raise ValueError(f"configs/scenes.py takes '' or 'smoke', got {arg!r}")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
+  c.stages = ("data", "vae", "ldm", "layout", "planner", "discriminator", "control", "evalseg", "evaluate")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "scenes"
@@ -192,6 +192,35 @@ def get_config(arg: str = ""):
   c.layout.sample_every = 0
   c.layout.checkpoint_every = 1000
   c.layout.keep_checkpoints = 2
+
+  # Stage `planner`: text -> object plan (each thing's class and box, one token at a time; a small
+  # transformer over the layout stage's text states). Its things are drawn from a bank of real
+  # instance shapes and the layout model fills the stuff around them (sdsup.planning).
+  c.planner = ml_collections.ConfigDict()
+  c.planner.num_bins = 32  # box coordinates per side: 2 pixels at 64x64
+  c.planner.max_objects = 10  # 3 ground + 2 sky groups of up to two; pairs that touch are one object
+  c.planner.min_object_area = 0.0015  # of the image: 6 pixels at 64x64, half the smallest rock
+  c.planner.width = 96
+  c.planner.depth = 3
+  c.planner.heads = 4
+  c.planner.shape_size = 32
+  c.planner.shapes_per_class = 64
+  c.planner.num_steps = 2000
+  c.planner.batch_size = 32
+  c.planner.micro_batches = 1
+  c.planner.caption_dropout = 0.1
+  # Fine-tune a copy of the layout stage's text encoder with the planner: frozen, its states told the
+  # planner which things a caption names in 80% of cases on validation, not ~100%.
+  c.planner.train_text_encoder = True
+  c.planner.ema_decay = 0.995
+  c.planner.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, schedule="warmup_cosine", warmup_steps=100, weight_decay=0.01, grad_clip=1.0))
+  c.planner.sampling = ml_collections.ConfigDict(dict(temperature=1.0, guidance=1.0))
+  c.planner.evaluate = True
+  c.planner.log_every = 100
+  c.planner.sample_every = 0
+  c.planner.checkpoint_every = 1000
+  c.planner.keep_checkpoints = 2
 
   # Stage `discriminator`: this segmenter is the adversarial discriminator's network (N+1 outputs,
   # the last one "fake"). The stage pretrains it; `control` then fine-tunes it inside the adversarial
@@ -349,6 +378,16 @@ def get_config(arg: str = ""):
     c.layout.sampling.steps = 4
     c.layout.eval_examples = 8
     c.layout.log_every = 5
+
+    c.planner.width = 32
+    c.planner.depth = 1
+    c.planner.heads = 2
+    c.planner.shapes_per_class = 8
+    c.planner.num_steps = 10
+    c.planner.batch_size = 8
+    c.planner.ema_decay = 0.9
+    c.planner.optimizer.warmup_steps = 2
+    c.planner.log_every = 5
 
     # The reconstruction path, so that the test suite's run covers it ("image" is evalseg's step).
     c.discriminator.input = "reconstruction"

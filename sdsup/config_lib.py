@@ -20,7 +20,7 @@ from sdsup.diffusion.masked import UPSAMPLE_METHODS
 from sdsup.errors import ConfigError
 
 # Every stage a config may list, in the order they can run (`sdsup.stages` implements each).
-STAGES = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
+STAGES = ("data", "vae", "ldm", "layout", "planner", "discriminator", "control", "evalseg", "evaluate")
 # Image samplers `config.sampling.solver` may name (`sdsup.pipelines`).
 SOLVERS = ("ddim", "dpm_solver_pp_2m")
 # Keys that moved: old key -> new key. A user's override of an old key fails naming the new one;
@@ -112,7 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _positive_int(config, "sampling.steps")
         solver = config.sampling.get("solver", "ddim")
         _require(solver in SOLVERS, "sampling.solver", f"must be one of {SOLVERS}", solver)
-    for stage in ("vae", "ldm", "layout", "discriminator", "control", "evalseg"):
+    for stage in ("vae", "ldm", "layout", "planner", "discriminator", "control", "evalseg"):
         if stage in stage_names and stage in config:
             _validate_training_stage(config, stage)
     if "control" in stage_names and "control" in config:
@@ -128,6 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "(it was config.control.discriminator before)")
     if "layout" in stage_names and "layout" in config:
         _validate_layout(config)
+    if "planner" in stage_names:
+        _validate_planner(config, stage_names)
     if "evaluate" in config:
         _validate_evaluate(config)
 
@@ -169,6 +171,20 @@ def _validate_training_stage(config, stage: str) -> None:
         _number_in(config, f"{stage}.ema_decay", 0.0, 1.0, high_open=True)
     if "min_snr_gamma" in section:
         _number_in(config, f"{stage}.min_snr_gamma", 0.0, float("inf"))
+
+
+def _validate_planner(config, stage_names) -> None:
+    _require("planner" in config, "planner", "is missing: the planner stage's section", None)
+    _require("layout" in stage_names and stage_names.index("layout") < stage_names.index("planner"), "stages",
+             "must list 'layout' before 'planner' (the planner reads the layout stage's text encoder and fills "
+             "its plans with the layout model)", list(stage_names))
+    for key in ("num_bins", "max_objects", "width", "depth", "heads", "shape_size", "shapes_per_class"):
+        _positive_int(config, f"planner.{key}")
+    _require(config.planner.width % config.planner.heads == 0, "planner.heads",
+             f"must divide planner.width={config.planner.width}", config.planner.heads)
+    _number_in(config, "planner.min_object_area", 0.0, 1.0)
+    _number_in(config, "planner.sampling.temperature", 0.0, float("inf"))
+    _number_in(config, "planner.sampling.guidance", 0.0, float("inf"))
 
 
 def _validate_control(config) -> None:

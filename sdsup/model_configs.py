@@ -17,6 +17,7 @@ from sdsup.diffusion import schedule as schedule_lib
 from sdsup.models.clip_text import CLIPTextConfig
 from sdsup.models.controlnet import ControlNetConfig
 from sdsup.models.layout import LayoutConfig
+from sdsup.models.planner import PlannerConfig
 from sdsup.models.drn import DRNConfig, DRNSegmenter
 from sdsup.models.segformer import SegformerConfig, SegformerSegmenter
 from sdsup.models.segmenter import SegmenterConfig, UperNetSegmenter
@@ -71,6 +72,15 @@ def layout(config, num_classes: int, text_dim: int) -> LayoutConfig:
     c = config.layout
     return LayoutConfig.build(num_classes, int(c.resolution), int(c.embed_dim), text_dim,
                               position_embedding=bool(c.get("position_embedding", False)), **fields(c.unet))
+
+
+def planner(config, num_classes: int, thing_ids: tuple, text_dim: int) -> PlannerConfig:
+    """The object planner of `config.planner` over the dataset's thing classes, reading `text_dim`-wide states."""
+    c = config.planner
+    return PlannerConfig(num_classes=num_classes, thing_ids=tuple(int(i) for i in thing_ids),
+                         num_bins=int(c.num_bins), max_objects=int(c.max_objects), width=int(c.width),
+                         depth=int(c.depth), heads=int(c.heads), cross_attention_dim=text_dim,
+                         shape_size=int(c.shape_size), shapes_per_class=int(c.shapes_per_class))
 
 
 def layout_factor(config) -> int:

@@ -12,7 +12,9 @@ process.
   layout_to_image  the same with the segmentation conditioner's residuals from a
                    class map (the layout stays in the unconditional branch, as in ALDM);
   text_to_layout   masked discrete diffusion over class maps: the most probable map
-                   (one all-masked pass) or confidence-ordered unmasking.
+                   (one all-masked pass) or confidence-ordered unmasking; with an object
+                   planner (`sdsup.planning`), the plan's things drawn first and the map's
+                   stuff filled around them.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdsup import conditioning, model_configs
+from sdsup import conditioning, model_configs, planning
 from sdsup.diffusion import masked, samplers
 from sdsup.diffusion import schedule as schedule_lib
 from sdsup.models.clip_text import CLIPTextTransformer
 from sdsup.models.controlnet import ControlNetModel
 from sdsup.models.layout import LayoutModel
+from sdsup.models.planner import PlannerModel
 from sdsup.models.unet import UNet2DConditionModel
 from sdsup.models.vae import AutoencoderKL
 from sdsup.trainer import sharding
@@ -53,6 +56,10 @@ class LayoutSampling:
     # random pixels early, which scatters specks over the map.
     choice_temperature: float = 4.5
     map_upsample: str = "nearest"  # `jax.image.resize` method for the most probable map's logits
+    # The object planner's draws (when the models include one): temperature (the most probable map takes
+    # the most probable plan) and classifier-free guidance on its logits.
+    plan_temperature: float = 1.0
+    plan_guidance: float = 1.0
 
     def __post_init__(self):
         if self.mode not in LAYOUT_MODES:
@@ -90,6 +97,10 @@ class Settings:
                 mode="sample", steps=int(ls.steps), temperature=float(ls.temperature), guidance=float(ls.guidance),
                 map_upsample=config.layout.get("map_upsample", "nearest"),
                 choice_temperature=float(ls.get("choice_temperature", LayoutSampling.choice_temperature)))
+            if "planner" in config:
+                ps = config.planner.sampling
+                layout = dataclasses.replace(layout, plan_temperature=float(ps.temperature),
+                                             plan_guidance=float(ps.guidance))
             factor = model_configs.layout_factor(config)
         return cls(image_size=int(config.data.image_size), schedule_args=model_configs.schedule_args(config),
                    prompting=conditioning.Prompting.from_tokenizer(tokenizer),
@@ -235,20 +246,34 @@ def text_to_layout(models: dict, tokens, rng, settings: Settings, sampling: Opti
                    full_size: bool = True) -> np.ndarray:
     """Tokens [B, L] -> class ids [B, S, S]: S = the image size, or the model's resolution without `full_size`.
 
-    `models` is {"layout": (config, params), "text_encoder": (config, params)}.
-    The most probable map is upsampled inside the sampler (from its logits,
-    `LayoutSampling.map_upsample`); sampled maps repeat pixels.
+    `models` is {"layout": (config, params), "text_encoder": (config, params)}
+    and optionally "planner": (config, {"net", "shapes", "log_aspects"}) with,
+    when the planner reads its own, "planner_text_encoder": (config, params). The
+    most probable map is upsampled inside the sampler (from its logits,
+    `LayoutSampling.map_upsample`); sampled maps repeat pixels. With a planner
+    the maps are always full size: its things are drawn at the image's resolution.
     """
     sampling = sampling or settings.layout
     config, params = models["layout"]
     text_config, text_params = models["text_encoder"]
+    tokens = jnp.asarray(tokens)
+    empty = jnp.broadcast_to(jnp.asarray(settings.prompting.empty), tokens.shape)
+    if "planner" in models:
+        planner_config, planner_params = models["planner"]
+        planner_text = models.get("planner_text_encoder", models["text_encoder"])[1]
+        sampler = _planned_layout_sampler(config, text_config, planner_config, sampling, settings)
+        return np.asarray(sampler(params, text_params, planner_params, planner_text, tokens, empty, rng))
     factor = settings.layout_factor if full_size else 1
     in_sampler = factor if sampling.mode == "map" else 1
     sampler = _layout_sampler(config, text_config, sampling, in_sampler, settings)
-    tokens = jnp.asarray(tokens)
-    empty = jnp.broadcast_to(jnp.asarray(settings.prompting.empty), tokens.shape)
     ids = np.asarray(sampler(params, text_params, tokens, empty, rng))
     return masked.upsample_labels(ids, factor // in_sampler)
+
+
+def _layout_logits_fn(model, params, sampling: LayoutSampling, cond, uncond):
+    def model_fn(ids, ratio, context, _):
+        return model.apply({"params": params}, ids, ratio, context)
+    return samplers.classifier_free_guidance(model_fn, sampling.guidance, cond, uncond)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -261,15 +286,65 @@ def _layout_sampler(config, text_config, sampling: LayoutSampling, upsample: int
     def run(params, text_params, tokens, empty, rng):
         cond = conditioning.encode_text(text_model, text_params, tokens, pad)
         uncond = conditioning.encode_text(text_model, text_params, empty, pad)
-
-        def model_fn(ids, ratio, context, _):
-            return model.apply({"params": params}, ids, ratio, context)
-
-        logits_fn = samplers.classifier_free_guidance(model_fn, sampling.guidance, cond, uncond)
+        logits_fn = _layout_logits_fn(model, params, sampling, cond, uncond)
         shape = (tokens.shape[0], config.resolution, config.resolution)
         if sampling.mode == "map":
             return masked.most_probable_map(logits_fn, shape, n, upsample, sampling.map_upsample)
         return masked.sample_maps(logits_fn, rng, shape, n, sampling.steps, sampling.temperature,
                                   sampling.choice_temperature)
+
+    return _jit(run, settings)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _planned_layout_sampler(config, text_config, planner_config, sampling: LayoutSampling, settings: Settings):
+    """The jitted `(params, text_params, planner_params, planner_text, tokens, empty, rng) -> ids [B, S, S]`.
+
+    1. The planner draws a plan (the most probable one for the most probable map);
+    2. its boxes are drawn with the bank's shapes at the image's resolution;
+    3. the layout model, given those things (at its resolution, where they cover
+       most of a block), fills the rest with stuff classes only, and the stuff
+       behind each thing too, so that the full-size things sit on a full map
+       (the most probable map: one all-masked pass over stuff classes).
+    """
+    model, text_model = LayoutModel(config), CLIPTextTransformer(text_config)
+    planner = PlannerModel(planner_config)
+    pad = settings.prompting.pad_id
+    n, size, factor = config.num_classes, settings.image_size, settings.layout_factor
+    is_thing = np.zeros(n, bool)
+    is_thing[list(planner_config.thing_ids)] = True
+    stuff = jnp.asarray(~is_thing)
+
+    def run(params, text_params, planner_params, planner_text, tokens, empty, rng):
+        rng_plan, rng_fill = jax.random.split(rng)
+        cond = conditioning.encode_text(text_model, text_params, tokens, pad)
+        uncond = conditioning.encode_text(text_model, text_params, empty, pad)
+        plan_cond = conditioning.encode_text(text_model, planner_text, tokens, pad)
+        plan_uncond = conditioning.encode_text(text_model, planner_text, empty, pad)
+
+        def plan_logits(plan):
+            apply = lambda context: planner.apply({"params": planner_params["net"]}, plan, context)
+            c = apply(plan_cond)
+            if sampling.plan_guidance == 1.0:
+                return c
+            u = apply(plan_uncond)
+            return u + sampling.plan_guidance * (c - u)
+
+        plan_temperature = 0.0 if sampling.mode == "map" else sampling.plan_temperature
+        plans = planning.sample(plan_logits, rng_plan, tokens.shape[0], planner_config, plan_temperature)
+        things = planning.draw(plans, planner_params, planner_config, size, size)
+        # At the layout model's resolution a thing is given where it covers most of a block.
+        background = jnp.where(things == planning.NO_THING, n, things)
+        known = masked.downsample_labels(background, factor, n + 1, n + 1)
+        logits_fn = _layout_logits_fn(model, params, sampling, cond, uncond)
+        shape = (tokens.shape[0], config.resolution, config.resolution)
+        if sampling.mode == "map":  # one all-masked pass: the most probable stuff, with the plan's things on top
+            filled = masked.most_probable_map(logits_fn, shape, n, factor, sampling.map_upsample, allowed=stuff)
+        else:
+            low = masked.sample_maps(logits_fn, rng_fill, shape, n, sampling.steps, sampling.temperature,
+                                     sampling.choice_temperature, known, stuff)
+            low = masked.redraw(logits_fn, low, known != n, n, stuff)
+            filled = masked.upsample_labels(low, factor)
+        return jnp.where(things == planning.NO_THING, filled, things)
 
     return _jit(run, settings)

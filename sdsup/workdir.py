@@ -57,6 +57,7 @@ STAGE_ROLES = {
     "vae": "the autoencoder",
     "ldm": "the text-to-image model",
     "layout": "the text -> layout model",
+    "planner": "the text -> object plan model",
     "discriminator": "the pretrained adversarial segmenter",
     "control": "the segmentation conditioner",
     "evalseg": "the evaluation segmenter",
@@ -79,6 +80,7 @@ STAGE_SECTIONS = {
     "vae": ("data", "vae"),
     "ldm": ("data", "text", "vae", "diffusion", "ldm"),
     "layout": ("data", "text", "layout"),
+    "planner": ("data", "text", "layout", "planner"),
     "discriminator": ("data", "discriminator"),
     "control": ("data", "text", "vae", "diffusion", "discriminator", "control"),
     "evalseg": ("data", "evalseg"),
@@ -225,17 +227,24 @@ class Workdir:
         """{"unet": (config, params), "text_encoder": (config, params)}."""
         return {name: self.load_model("ldm", name, name) for name in ("unet", "text_encoder")}
 
-    def layout_models(self) -> dict:
-        """{"layout", "text_encoder"}: the layout model and the text encoder it reads.
+    def layout_models(self, planner: bool = True) -> dict:
+        """{"layout", "text_encoder"[, "planner"[, "planner_text_encoder"]]}: the layout model, the text
+        encoder it reads and, when the planner stage has finished (and `planner`), the object planner that
+        places its things (with the planner's own text encoder when it fine-tuned one).
 
-        That is the layout stage's own fine-tuned copy when it trained one
-        (layout.train_text_encoder), else the ldm stage's.
+        The text encoder is the layout stage's own fine-tuned copy when it
+        trained one (layout.train_text_encoder), else the ldm stage's.
         """
         if self.has_model("layout", "text_encoder"):
             text = self.load_model("layout", "text_encoder", "text_encoder")
         else:
             text = self.load_model("ldm", "text_encoder", "text_encoder")
-        return {"layout": self.load_model("layout", "model", "layout"), "text_encoder": text}
+        models = {"layout": self.load_model("layout", "model", "layout"), "text_encoder": text}
+        if planner and self.is_done("planner"):
+            models["planner"] = self.load_model("planner", "model", "planner")
+            if self.has_model("planner", "text_encoder"):  # planner.train_text_encoder: the planner's own copy
+                models["planner_text_encoder"] = self.load_model("planner", "text_encoder", "text_encoder")
+        return models
 
     def conditioner(self, control_dir: Optional[str] = None):
         """(ControlNetConfig, params, class table, UNet (config, params) or None) of a control stage.

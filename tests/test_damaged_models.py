@@ -26,7 +26,7 @@ from sdsup.models.vae import AutoencoderKL, VAEConfig
 from sdsup.workdir import DONE_FILE, MODEL_FILES_KEY, Workdir, WorkdirError
 
 SMOKE = smoke_workdir.SMOKE_CONFIG
-MODEL_STAGES = ("vae", "ldm", "layout", "discriminator", "control", "evalseg")
+MODEL_STAGES = ("vae", "ldm", "layout", "planner", "discriminator", "control", "evalseg")
 
 
 def _tiny_vae():

@@ -40,8 +40,8 @@ from sdsup.trainer import checkpoint, preemption
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STAGES = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
-CHECKPOINTED = ("vae", "ldm", "layout", "discriminator", "control", "evalseg")
+STAGES = ("data", "vae", "ldm", "layout", "planner", "discriminator", "control", "evalseg", "evaluate")
+CHECKPOINTED = ("vae", "ldm", "layout", "planner", "discriminator", "control", "evalseg")
 # Checkpoints every few steps, so that a kill in a stage resumes inside it rather than from its start.
 CHECKPOINT_EVERY = {stage: 2 if stage == "control" else 5 for stage in CHECKPOINTED}
 FREQUENT_CHECKPOINTS = tuple(f"--config.{stage}.checkpoint_every={n}" for stage, n in CHECKPOINT_EVERY.items())

@@ -2,7 +2,8 @@
 
 One training run (module fixture) serves every test here; it is the
 `configs/scenes.py:smoke` config end to end: data -> vae -> ldm -> layout
-(text -> label map, with its evaluation) -> discriminator (pretraining) -> control (with adversarial
+(text -> label map, with its evaluation) -> planner (text -> object plan; every later layout is
+planned) -> discriminator (pretraining) -> control (with adversarial
 supervision) -> evalseg -> evaluate. The ablation runs on top of it
 (`--from_workdir`), adding the plain-conditioner baseline.
 """
@@ -17,7 +18,7 @@ from PIL import Image
 import smoke_workdir
 from sdsup.data import scenes
 
-STAGES = ("data", "vae", "ldm", "layout", "discriminator", "control", "evalseg", "evaluate")
+STAGES = ("data", "vae", "ldm", "layout", "planner", "discriminator", "control", "evalseg", "evaluate")
 VARIANTS = ("text_only", "control", "text_layout_image")
 LAYOUT_KEYS = ("layout/miou_map", "layout/miou_sample_mean", "layout/miou_majority", "layout/miou_retrieval",
                "layout/miou_oracle", "layout/relation_accuracy")
@@ -36,7 +37,7 @@ def test_every_stage_finished_with_its_outputs(workdir):
         assert (workdir / stage / "DONE.json").exists(), stage
     for picture in ("data/preview.png", "vae/reconstructions.png", "ldm/samples.png", "control/samples.png"):
         assert (workdir / picture).stat().st_size > 1000, picture
-    for model in ("vae/model", "ldm/unet", "ldm/text_encoder", "layout/model", "discriminator/model",
+    for model in ("vae/model", "ldm/unet", "ldm/text_encoder", "layout/model", "planner/model", "discriminator/model",
                   "control/controlnet", "evalseg/model"):
         assert (workdir / model / "params.safetensors").exists(), model
     metrics = json.loads((workdir / "metrics.json").read_text())
@@ -47,8 +48,17 @@ def test_every_stage_finished_with_its_outputs(workdir):
     assert metrics["layout/miou_oracle"] > 0.6 and metrics["layout/miou_oracle"] >= metrics["layout/miou_map"]
     report = (workdir / "report.md").read_text()
     assert "miou_retrieval" in report and "layout/report_novel.png" in report
-    for picture in ("layout/samples.png", "layout/report_test.png", "layout/report_novel.png"):
+    for picture in ("layout/samples.png", "layout/report_test.png", "layout/report_novel.png", "planner/samples.png",
+                    "planner/report_test.png"):
         assert (workdir / picture).stat().st_size > 1000, picture
+    # The planned layouts' evaluation, with the facts the maps hold, beside the layout model's own.
+    for stage in ("layout", "planner"):
+        for method in ("map", "sample", "retrieval"):
+            assert 0.0 <= metrics[f"{stage}/faith_{method}/facts"] <= 1.0, (stage, method)
+        assert 0.0 <= metrics[f"{stage}/miou_sample_mean"] <= 1.0
+    assert "## Text -> layout with the object planner" in report
+    planner = json.loads((workdir / "planner" / "DONE.json").read_text())
+    assert planner["bank_shapes"] > 0 and planner["steps"] == 10
     control = json.loads((workdir / "control" / "DONE.json").read_text())
     assert control["lambda_adv"] > 0 and control["compile_s"] > 0
     assert control["discriminator_init"] == "stage"  # the adversary starts pretrained, as ALDM's

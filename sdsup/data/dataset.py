@@ -55,14 +55,15 @@ class Dataset:
                                      full_frame=full_frame)
 
     def train_dataset(self, *, global_batch_size: int, seed: int, flip: bool, num_threads: int, prefetch: int,
-                      num_workers: int = 0, source=None):
+                      num_workers: int = 0, source=None, derive=None):
         """This process's endless stream of augmented training batches (a resumable grain iterator), from the
-        train split's records or `source` (the same records with more fields, e.g. a latent cache's)."""
+        train split's records or `source` (the same records with more fields, e.g. a latent cache's); `derive`
+        adds fields computed from each finished example (`pipeline.Preprocess.derive`)."""
         return pipeline.train_dataset(
             self.source("train") if source is None else source, tokenizer=self.tokenizer, global_batch_size=global_batch_size, seed=seed,
             process_index=jax.process_index(), process_count=jax.process_count(), flip=flip,
             caption_field=self.spec.caption_field, num_threads=num_threads, prefetch=prefetch,
-            flip_caption=self.spec.flip_caption, geometry=self.geometry, num_workers=num_workers)
+            flip_caption=self.spec.flip_caption, geometry=self.geometry, num_workers=num_workers, derive=derive)
 
 
 def text_tokenizer(config):

@@ -161,6 +161,8 @@ class Preprocess(grain.transforms.RandomMap):
     geometry: Optional[Geometry] = None  # None: records hold the final arrays (the scenes)
     train: bool = True  # random crops and caption draws; evaluation takes centred crops and first captions
     full_frame: bool = False  # evaluation only: the whole resized frame, no crop
+    # Fields computed from the finished example (after crop and flip), e.g. `planning.PlanTokens`.
+    derive: Optional[Callable[[dict], dict]] = None
 
     def random_map(self, record: dict, rng: Optional[np.random.Generator]) -> dict:
         draw = rng if self.train else None
@@ -191,6 +193,8 @@ class Preprocess(grain.transforms.RandomMap):
         if self.keep_metadata:
             out["caption"] = caption
             out["index"] = np.int64(record.get("index", -1))
+        if self.derive is not None:
+            out.update(self.derive(out))
         return out
 
 
@@ -208,8 +212,9 @@ def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
                   caption_field: str = "caption", num_epochs: Optional[int] = None,
                   num_threads: int = 2, prefetch: int = 4, keep_metadata: bool = False,
                   flip_caption: Optional[Callable[[str], str]] = None,
-                  geometry: Optional[Geometry] = None, num_workers: int = 0) -> grain.IterDataset:
-    """An endless (or `num_epochs`) stream of this process's batches.
+                  geometry: Optional[Geometry] = None, num_workers: int = 0,
+                  derive: Optional[Callable[[dict], dict]] = None) -> grain.IterDataset:
+    """An endless (or `num_epochs`) stream of this process's batches (`derive`: see `Preprocess`).
 
     `num_workers` > 0 decodes and resizes in that many grain worker processes,
     each making whole batches (batch k comes from worker k mod num_workers),
@@ -223,7 +228,7 @@ def train_dataset(source, *, tokenizer, global_batch_size: int, seed: int,
     ds = ds.shuffle()[process_index::process_count]
     ds = ds.repeat(num_epochs)
     ds = ds.random_map(Preprocess(tokenizer, caption_field, flip=flip, keep_metadata=keep_metadata,
-                                  flip_caption=flip_caption, geometry=geometry))
+                                  flip_caption=flip_caption, geometry=geometry, derive=derive))
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     if num_workers > 0:

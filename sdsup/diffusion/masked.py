@@ -83,44 +83,74 @@ UPSAMPLE_METHODS = ("nearest", "linear", "cubic", "lanczos3", "lanczos5")
 
 
 def most_probable_map(logits_fn: Callable, shape: Tuple[int, int, int], num_classes: int, upsample: int = 1,
-                      method: str = "nearest") -> jax.Array:
+                      method: str = "nearest", known: Optional[jax.Array] = None,
+                      allowed: Optional[jax.Array] = None) -> jax.Array:
     """Per-pixel argmax of one pass on the all-masked map: ids [B, H * upsample, W * upsample].
 
     With `upsample` > 1 the logits are resized by `method` (`jax.image.resize`)
-    before the argmax; "nearest" repeats each pixel.
+    before the argmax; "nearest" repeats each pixel. `known` ([B, H, W], MASK
+    where unknown) is the pass's input instead of the all-masked map; `allowed`
+    ([num_classes] bool) limits the argmax to those classes, at every pixel.
     """
     if method not in UPSAMPLE_METHODS:
         raise ValueError(f"upsampling method must be one of {UPSAMPLE_METHODS}, got {method!r}")
-    ids = jnp.full(shape, num_classes, jnp.int32)
-    logits = logits_fn(ids, jnp.ones((shape[0],), jnp.float32)).astype(jnp.float32)
+    ids = jnp.full(shape, num_classes, jnp.int32) if known is None else known.astype(jnp.int32)
+    ratio = jnp.mean((ids == num_classes).astype(jnp.float32), axis=(1, 2))
+    logits = _restrict(logits_fn(ids, ratio).astype(jnp.float32), allowed)
     if upsample > 1 and method != "nearest":
         b, h, w, n = logits.shape
-        logits = jax.image.resize(logits, (b, h * upsample, w * upsample, n), method)
+        logits = jax.image.resize(jnp.maximum(logits, _FLOOR), (b, h * upsample, w * upsample, n), method)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return upsample_labels(jnp.argmax(logits, axis=-1).astype(jnp.int32), upsample)
 
 
+# Disallowed classes' logits: low enough never to win, finite so that resizing them stays finite.
+_FLOOR = -1e9
+
+
+def _restrict(logits: jax.Array, allowed: Optional[jax.Array]) -> jax.Array:
+    return logits if allowed is None else jnp.where(allowed, logits, _FLOOR)
+
+
+def redraw(logits_fn: Callable, ids: jax.Array, where: jax.Array, num_classes: int,
+           allowed: Optional[jax.Array] = None) -> jax.Array:
+    """`ids` [B, H, W] with the pixels `where` replaced by one pass's argmax (over `allowed`) with them masked.
+
+    E.g. the stuff behind things a plan placed: mask the things' pixels and ask for stuff only.
+    """
+    masked_ids = jnp.where(where, num_classes, ids)
+    ratio = jnp.mean(where.astype(jnp.float32), axis=(1, 2))
+    best = jnp.argmax(_restrict(logits_fn(masked_ids, ratio).astype(jnp.float32), allowed), axis=-1)
+    return jnp.where(where, best.astype(jnp.int32), ids)
+
+
 def sample_maps(logits_fn: Callable, rng: jax.Array, shape: Tuple[int, int, int], num_classes: int, steps: int,
-                temperature: float = 1.0, choice_temperature: float = 4.5) -> jax.Array:
+                temperature: float = 1.0, choice_temperature: float = 4.5, known: Optional[jax.Array] = None,
+                allowed: Optional[jax.Array] = None) -> jax.Array:
     """Confidence-ordered unmasking (MaskGIT) in `steps` passes: ids [B, H, W].
 
     `temperature` scales the logits before each draw (0 = argmax draws).
     `choice_temperature` adds Gumbel noise, annealed linearly to 0 over the
     steps, to the log-confidences that pick which draws to keep, so early
-    steps do not lock in only the easiest pixels.
+    steps do not lock in only the easiest pixels. `known` ([B, H, W], MASK
+    where unknown) starts the sampler with those pixels given; `allowed`
+    ([num_classes] bool) limits the draws to those classes.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     b = shape[0]
     n = math.prod(shape[1:])
-    ids = jnp.full((b, n), num_classes, jnp.int32)
+    if known is None:
+        ids = jnp.full((b, n), num_classes, jnp.int32)
+    else:
+        ids = known.reshape(b, n).astype(jnp.int32)
 
     def body(s, carry):
         ids, rng = carry
         rng, rng_draw, rng_choice = jax.random.split(rng, 3)
         unknown = ids == num_classes
         ratio = jnp.sum(unknown, axis=1).astype(jnp.float32) / n
-        logits = logits_fn(ids.reshape(shape), ratio).reshape(b, n, -1).astype(jnp.float32)
+        logits = _restrict(logits_fn(ids.reshape(shape), ratio).reshape(b, n, -1).astype(jnp.float32), allowed)
         logp = jax.nn.log_softmax(logits, axis=-1)
         if temperature > 0:
             drawn = jax.random.categorical(rng_draw, logits / temperature, axis=-1)

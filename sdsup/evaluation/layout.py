@@ -16,6 +16,11 @@ the scenes do), relation accuracy: the share of relations the captions state
 ("a car left of the tree", "a sun above the house") that the map's class
 centroids satisfy (a class missing from the map fails its relations).
 
+Where the dataset states its captions' facts (`DatasetSpec.caption_facts`), on
+the first split: the share of them the maps hold (`sdsup.evaluation.faithfulness`,
+read off the maps as off a segmenter's), for the most probable map, the first
+seed's sampled maps and retrieval, as `<stage>/faith_<method>/<metric>`.
+
 Merges its numbers into `WORKDIR/metrics.json` (per-class IoU as
 `layout/iou_<method>/<class>`) and rebuilds `WORKDIR/report.md`
 (`sdsup.evaluation.report`), with pictures under `WORKDIR/layout/`. Run by the
@@ -36,7 +41,7 @@ from sdsup import model_configs, pipelines, segmentation, viz
 from sdsup.data import pipeline
 from sdsup.data.dataset import Dataset
 from sdsup.diffusion import masked
-from sdsup.evaluation import report
+from sdsup.evaluation import faithfulness, report
 from sdsup.evaluation.images import EVAL_BATCH
 from sdsup.workdir import Workdir
 
@@ -137,10 +142,13 @@ def eval_batch_size(config) -> int:
     return min(EVAL_BATCH, int(config.layout.eval_examples))
 
 
-def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings: pipelines.Settings) -> dict:
-    """Metrics of the layout model `models` (keys `layout/...`); writes metrics.json, report.md and pictures.
+def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings: pipelines.Settings,
+             stage: str = "layout") -> dict:
+    """Metrics of the layout model `models` (keys `<stage>/...`); writes metrics.json, report.md and pictures
+    (in the stage's directory).
 
-    `models` is {"layout": (config, params), "text_encoder": (config, params)}.
+    `models` is {"layout": (config, params), "text_encoder": (config, params)} and, for the planner stage's
+    planned maps, "planner" (`pipelines.text_to_layout`).
     """
     cfg = config.layout
     spec = dataset.spec
@@ -155,6 +163,8 @@ def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings:
     metrics: Dict[str, float] = {}
     per_class = {}
     examples_for_report = None
+    calibration = faithfulness.calibrate(dataset) if spec.caption_facts is not None else None
+    faith_methods = ("map", "sample0", "retrieval")
 
     splits = [(split, suffix) for split, suffix in SPLITS if split in spec.splits]
     for split, suffix in splits:
@@ -163,6 +173,7 @@ def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings:
         conf = {m: np.zeros((n, n), np.int64) for m in methods}
         rel_hits = {m: 0 for m in methods}
         rel_total = 0
+        scored = {m: faithfulness.Scored() for m in faith_methods}
         for bi, batch in enumerate(dataset.eval_batches(split, batch_size, limit=int(cfg.eval_examples))):
             labels, keep = batch["label"], batch["mask"]
             preds = {
@@ -183,39 +194,49 @@ def evaluate(config, workdir: Workdir, dataset: Dataset, models: dict, settings:
                     for m, p in preds.items():
                         rel_hits[m] += sum(relation_holds(p[j], spec.class_names.index(a), r,
                                                           spec.class_names.index(b)) for a, r, b in rels)
+            if calibration is not None and split == splits[0][0]:
+                for j in np.nonzero(keep)[0]:
+                    stated = faithfulness.facts_of(spec, source[int(batch["index"][j])], batch["caption"][j])
+                    for m in faith_methods:
+                        scored[m].add(faithfulness.MapReader(preds[m][j], calibration, spec.class_names), stated,
+                                      spec.thing_classes)
             if split == splits[0][0] and examples_for_report is None:  # the report's split: test where there is one
                 examples_for_report = (batch, preds)
         sample_mious = [_miou(conf[f"sample{s}"]) for s in range(seeds)]
         metrics.update({
-            f"layout/miou_map{suffix}": _miou(conf["map"]),
-            f"layout/miou_sample_mean{suffix}": float(np.mean(sample_mious)),
-            f"layout/miou_sample_std{suffix}": float(np.std(sample_mious)),
-            f"layout/miou_majority{suffix}": _miou(conf["majority"]),
-            f"layout/miou_retrieval{suffix}": _miou(conf["retrieval"]),
-            f"layout/miou_oracle{suffix}": _miou(conf["oracle"]),
+            f"{stage}/miou_map{suffix}": _miou(conf["map"]),
+            f"{stage}/miou_sample_mean{suffix}": float(np.mean(sample_mious)),
+            f"{stage}/miou_sample_std{suffix}": float(np.std(sample_mious)),
+            f"{stage}/miou_majority{suffix}": _miou(conf["majority"]),
+            f"{stage}/miou_retrieval{suffix}": _miou(conf["retrieval"]),
+            f"{stage}/miou_oracle{suffix}": _miou(conf["oracle"]),
         })
         if rel_total:
-            metrics[f"layout/relation_accuracy{suffix}"] = rel_hits["map"] / rel_total
-            metrics[f"layout/relation_accuracy_sample_mean{suffix}"] = float(np.mean(
+            metrics[f"{stage}/relation_accuracy{suffix}"] = rel_hits["map"] / rel_total
+            metrics[f"{stage}/relation_accuracy_sample_mean{suffix}"] = float(np.mean(
                 [rel_hits[f"sample{s}"] / rel_total for s in range(seeds)]))
-            metrics[f"layout/relation_accuracy_retrieval{suffix}"] = rel_hits["retrieval"] / rel_total
-            metrics[f"layout/relation_accuracy_oracle{suffix}"] = rel_hits["oracle"] / rel_total
-            metrics[f"layout/relations{suffix}"] = rel_total
+            metrics[f"{stage}/relation_accuracy_retrieval{suffix}"] = rel_hits["retrieval"] / rel_total
+            metrics[f"{stage}/relation_accuracy_oracle{suffix}"] = rel_hits["oracle"] / rel_total
+            metrics[f"{stage}/relations{suffix}"] = rel_total
+        if calibration is not None and split == splits[0][0]:
+            for m in faith_methods:
+                name = "sample" if m == "sample0" else m
+                metrics.update({f"{stage}/faith_{name}/{k}": v for k, v in scored[m].summary().items()})
         per_class[split] = {m: segmentation.iou_from_confusion(conf[m])[1] for m in ("map", "sample0", "retrieval")}
-        logging.info("layout %s: mIoU map %.3f, sample %.3f +- %.3f, retrieval %.3f, majority %.3f, oracle %.3f",
-                     split, metrics[f"layout/miou_map{suffix}"], metrics[f"layout/miou_sample_mean{suffix}"],
-                     metrics[f"layout/miou_sample_std{suffix}"], metrics[f"layout/miou_retrieval{suffix}"],
-                     metrics[f"layout/miou_majority{suffix}"], metrics[f"layout/miou_oracle{suffix}"])
+        logging.info("%s %s: mIoU map %.3f, sample %.3f +- %.3f, retrieval %.3f, majority %.3f, oracle %.3f",
+                     stage, split, metrics[f"{stage}/miou_map{suffix}"], metrics[f"{stage}/miou_sample_mean{suffix}"],
+                     metrics[f"{stage}/miou_sample_std{suffix}"], metrics[f"{stage}/miou_retrieval{suffix}"],
+                     metrics[f"{stage}/miou_majority{suffix}"], metrics[f"{stage}/miou_oracle{suffix}"])
 
     if jax.process_index() == 0:
-        _write(workdir, dataset, settings, metrics, per_class, examples_for_report, models)
+        _write(workdir, dataset, settings, metrics, per_class, examples_for_report, models, stage)
     return metrics
 
 
 def _write(workdir: Workdir, dataset: Dataset, settings: pipelines.Settings, metrics: dict, per_class: dict,
-           examples, models) -> None:
+           examples, models, stage: str) -> None:
     spec = dataset.spec
-    out = workdir.stage_dir("layout", create=True)
+    out = workdir.stage_dir(stage, create=True)
     batch, preds = examples
     rows = [{"caption": batch["caption"][j],
              "panels": [batch["label"][j], preds["map"][j], preds["sample0"][j], preds["sample1" if "sample1" in preds
@@ -239,6 +260,6 @@ def _write(workdir: Workdir, dataset: Dataset, settings: pipelines.Settings, met
     first = next(iter(per_class))  # test where the dataset has one
     for method, key in (("map", "map"), ("sample0", "sample"), ("retrieval", "retrieval")):
         for c, name in enumerate(spec.class_names):
-            per_class_metrics[f"layout/iou_{key}/{name}"] = float(per_class[first][method][c])
+            per_class_metrics[f"{stage}/iou_{key}/{name}"] = float(per_class[first][method][c])
     report.merge_metrics(workdir.path, dict(metrics, **per_class_metrics))
     report.write_report(workdir.path)

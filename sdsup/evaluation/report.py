@@ -8,6 +8,8 @@ disagrees with the numbers and any evaluation can run again on its own.
 Key scheme:
   layout/<metric>[/val]               text -> layout (sdsup.evaluation.layout)
   layout/iou_map/<class>              per-class IoU of the most probable map (test split)
+  layout/faith_<method>/<metric>      the facts the layouts hold (map, sample, retrieval; test split)
+  planner/...                         the same for the planner stage's planned layouts
   images/<variant>/<metric>           image_miou, layout_miou, fid_segfeat, clip_score, examples
   images/<variant>/iou/<class>        per-class image IoU
   images/real/miou                    the evaluation segmenter on real images (the ceiling)
@@ -201,27 +203,39 @@ def faithfulness_chart(workdir: str, metrics: Dict[str, float]) -> Optional[str]
     return path
 
 
-def layout_section(workdir: str, metrics: Dict[str, float]) -> List[str]:
-    if "layout/miou_map" not in metrics:
+LAYOUT_STAGES = (("layout", "Text -> layout"), ("planner", "Text -> layout with the object planner"))
+
+
+def layout_section(workdir: str, metrics: Dict[str, float], stage: str = "layout", title: str = "Text -> layout"
+                   ) -> List[str]:
+    if f"{stage}/miou_map" not in metrics:
         return []
-    lines = ["## Text -> layout", "", "| metric | test (held-out compositions) | validation |", "|---|---|---|"]
+    lines = [f"## {title}", "", "| metric | test (held-out compositions) | validation |", "|---|---|---|"]
     for name in LAYOUT_ROWS:
-        if f"layout/{name}" in metrics:
-            lines.append(f"| {name} | {_fmt(metrics.get('layout/' + name))} | "
-                         f"{_fmt(metrics.get('layout/' + name + '/val'))} |")
-    per_class = sorted(k for k in metrics if k.startswith("layout/iou_map/"))
+        if f"{stage}/{name}" in metrics:
+            lines.append(f"| {name} | {_fmt(metrics.get(f'{stage}/{name}'))} | "
+                         f"{_fmt(metrics.get(f'{stage}/{name}/val'))} |")
+    faith = [m for m in ("map", "sample", "retrieval") if f"{stage}/faith_{m}/facts" in metrics]
+    if faith:
+        lines += ["", "What the captions state that the maps hold (test; `sdsup.evaluation.faithfulness`):", "",
+                  "| maps | " + " | ".join(label for _, label in FAITH_COLUMNS) + " |",
+                  "|---|" + "---|" * len(FAITH_COLUMNS)]
+        for m in faith:
+            lines.append(f"| {m} | " + " | ".join(_fmt(metrics.get(f"{stage}/faith_{m}/{key}"))
+                                                 for key, _ in FAITH_COLUMNS) + " |")
+    per_class = sorted(k for k in metrics if k.startswith(f"{stage}/iou_map/"))
     if per_class:
         lines += ["", "Per-class IoU on test (most probable map / sampled map / retrieval):", "",
                   "| class | map | sample | retrieval |", "|---|---|---|---|"]
         for key in per_class:
             name = key.rsplit("/", 1)[1]
-            lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(f"layout/iou_{m}/{name}"))
+            lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(f"{stage}/iou_{m}/{name}"))
                                                      for m in ("map", "sample", "retrieval")) + " |")
     lines += [""]
     lines += ["Test examples: caption | ground truth | most probable map | two sampled maps | retrieval", ""]
-    lines += _picture(workdir, "layout/report_test.png", "test examples")
+    lines += _picture(workdir, f"{stage}/report_test.png", "test examples")
     lines += ["Prompts the grammar never writes (most probable map | sampled map):", ""]
-    lines += _picture(workdir, "layout/report_novel.png", "novel prompts")
+    lines += _picture(workdir, f"{stage}/report_novel.png", "novel prompts")
     return lines
 
 
@@ -247,7 +261,8 @@ def write_report(workdir: str, class_names: Optional[Iterable[str]] = None) -> s
              f"Workdir: `{os.path.abspath(workdir)}`. All numbers are also in `metrics.json`.", ""]
     lines += image_section(workdir, metrics, class_names)
     lines += faithfulness_section(workdir, metrics)
-    lines += layout_section(workdir, metrics)
+    for stage, title in LAYOUT_STAGES:
+        lines += layout_section(workdir, metrics, stage, title)
     prov = read_provenance(workdir)
     if prov:
         lines += ["## Command and config", "", "```", prov.get("command", ""), "```", ""]

@@ -57,9 +57,10 @@ def define_flags():
 
 
 VARIANTS = ("text_only", "control", "aldm", "text_layout_image")
-SHARED_STAGES = ("data", "vae", "ldm", "layout", "discriminator", "evalseg")
+SHARED_STAGES = ("data", "vae", "ldm", "layout", "planner", "discriminator", "evalseg")
 # Config sections that decide the shared stages: a reused workdir must agree on all of them.
-SHARED_SECTIONS = ("data", "text", "vae", "diffusion", "ldm", "layout", "discriminator", "evalseg", "input")
+SHARED_SECTIONS = ("data", "text", "vae", "diffusion", "ldm", "layout", "planner", "discriminator", "evalseg",
+                   "input")
 METRICS = ("fid", "image_miou", "layout_miou")
 FAITH_METRICS = ("facts", "captions_all_right", "object", "count", "position", "relation", "colour")
 TARGET_MIOU_GAIN, TARGET_FID_RATIO = 0.05, 1.1

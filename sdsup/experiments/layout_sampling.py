@@ -4,7 +4,8 @@ r"""Text -> layout sampler settings, compared by faithfulness and coherence: `py
       --steps=8,16 --temperature=1,0.5 --choice_temperature=4.5,1,0 --guidance=2,4
 
 For every combination of the listed settings (and the most probable map) the workdir's layout model draws
-one map per caption of the split's first `--examples` examples (same seed for every setting), and each
+one map per caption -- with the object planner (`--plan_temperature`, `--plan_guidance`) and without it,
+when the workdir has one (`--planner`) -- of the split's first `--examples` examples (same seed for every setting), and each
 map is scored against what its caption states (`sdsup.evaluation.faithfulness`: facts per kind, captions
 with every fact right, stray thing pixels, components per named thing, maps holding unnamed things) and
 against the example's ground truth (mIoU). Choose on validation, report on test. Writes
@@ -46,6 +47,12 @@ def define_flags():
     f.choice_temperature = flags.DEFINE_list("choice_temperature", None,
                                              "Gumbel noise on the keep-confidences (default: the config's).")
     f.guidance = flags.DEFINE_list("guidance", None, "Classifier-free guidance scales (default: the config's).")
+    f.planner = flags.DEFINE_enum("planner", "both", ["both", "with", "without"],
+                                  "With a finished planner stage: score planned layouts, the layout model's alone, "
+                                  "or both.")
+    f.plan_temperature = flags.DEFINE_list("plan_temperature", None,
+                                           "Planner draw temperatures to try (default: the config's).")
+    f.plan_guidance = flags.DEFINE_list("plan_guidance", None, "Planner guidance scales (default: the config's).")
     flags.mark_flags_as_required(["workdir"])
     return f
 
@@ -59,17 +66,20 @@ def settings_grid(base: pipelines.LayoutSampling, **choices: Sequence[float]) ->
     return grid
 
 
-def label(sampling: pipelines.LayoutSampling) -> str:
+def label(sampling: pipelines.LayoutSampling, planned: bool = False) -> str:
+    plan = (f"planned (temperature {sampling.plan_temperature:g}, guidance {sampling.plan_guidance:g}), "
+            if planned else "")
     if sampling.mode == "map":
-        return "most probable map"
-    return (f"steps {sampling.steps}, temperature {sampling.temperature:g}, choice {sampling.choice_temperature:g}, "
-            f"guidance {sampling.guidance:g}")
+        return plan + "most probable map"
+    return (plan + f"steps {sampling.steps}, temperature {sampling.temperature:g}, "
+            f"choice {sampling.choice_temperature:g}, guidance {sampling.guidance:g}")
 
 
 def score_settings(dataset: Dataset, models: dict, settings: pipelines.Settings,
                    grid: Sequence[pipelines.LayoutSampling], split: str, examples: int, seed: int,
                    calibration: faithfulness.Calibration, batch_size: int = 32) -> List[dict]:
-    """One entry per setting: {"setting", "label", faithfulness summary..., "miou"}."""
+    """One entry per setting: {"setting", "label", "planned", faithfulness summary..., "miou"}; planned when
+    `models` holds a planner."""
     spec = dataset.spec
     n = spec.num_classes
     source = dataset.source(split)
@@ -87,7 +97,9 @@ def score_settings(dataset: Dataset, models: dict, settings: pipelines.Settings,
                               spec.thing_classes)
     out = []
     for sampling, s, conf in zip(grid, scored, confusion):
-        entry = {"setting": dataclasses.asdict(sampling), "label": label(sampling), **s.summary()}
+        planned = "planner" in models
+        entry = {"setting": dataclasses.asdict(sampling), "label": label(sampling, planned), "planned": planned,
+                 **s.summary()}
         entry["miou"] = segmentation.iou_from_confusion(conf)[0]
         out.append(entry)
     return out
@@ -122,8 +134,17 @@ def main(f):
     if len(grid) == 1:
         grid.append(dataclasses.replace(base, mode="sample"))
     calibration = faithfulness.calibrate(dataset)
-    entries = score_settings(dataset, models, session.settings, grid, f.split.value, f.examples.value, f.seed.value,
-                             calibration)
+    plain = {k: v for k, v in models.items() if not k.startswith("planner")}
+    entries = []
+    if "planner" not in models or f.planner.value in ("both", "without"):
+        entries += score_settings(dataset, plain, session.settings, grid, f.split.value, f.examples.value,
+                                  f.seed.value, calibration)
+    if "planner" in models and f.planner.value in ("both", "with"):
+        planned_grid = [dataclasses.replace(g, plan_temperature=t, plan_guidance=w) for g in grid
+                        for t in (_floats(f.plan_temperature.value) or [base.plan_temperature])
+                        for w in (_floats(f.plan_guidance.value) or [base.plan_guidance])]
+        entries += score_settings(dataset, models, session.settings, planned_grid, f.split.value, f.examples.value,
+                                  f.seed.value, calibration)
     out = f.out.value or session.workdir.file("layout_sampling")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "layout_sampling.json"), "w") as fh:

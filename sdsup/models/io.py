@@ -19,7 +19,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from sdsup.errors import SdsupError
-from sdsup.models import (clip_text, clip_vision, controlnet, drn, inception, layout, segformer, segmenter, unet,
+from sdsup.models import (clip_text, clip_vision, controlnet, drn, inception, layout, planner, segformer, segmenter, unet,
                           vae)
 
 CONFIG_FILE, PARAMS_FILE = "config.json", "params.safetensors"
@@ -40,6 +40,7 @@ CONFIG_CLASSES: Dict[str, Any] = {
     "drn_segmenter": drn.DRNConfig,  # fyu/drn's DRN-D (Cityscapes' image-mIoU evaluator; sdsup.convert drn)
     "segformer_segmenter": segformer.SegformerConfig,  # transformers' Segformer (evaluator; sdsup.convert segformer)
     "layout": layout.LayoutConfig,
+    "planner": planner.PlannerConfig,  # the object planner; its params hold the shape bank too
     "inception": inception.InceptionConfig,  # FID features (sdsup.convert.inception)
 }
 

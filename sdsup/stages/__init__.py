@@ -17,10 +17,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sdsup import config_lib
-from sdsup.stages import control, data, discriminator, evalseg, evaluate, layout, ldm, vae
+from sdsup.stages import control, data, discriminator, evalseg, evaluate, layout, ldm, planner, vae
 from sdsup.stages.common import Context
 
-STAGES = {m.NAME: m.run for m in (data, vae, ldm, layout, discriminator, control, evalseg, evaluate)}
+STAGES = {m.NAME: m.run for m in (data, vae, ldm, layout, planner, discriminator, control, evalseg, evaluate)}
 assert tuple(STAGES) == config_lib.STAGES, "sdsup.stages and config_lib.STAGES list different stages"
 
 

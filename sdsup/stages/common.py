@@ -26,7 +26,7 @@ GRID_ROWS = 8
 # Each stage's random streams (initialisation, data order, step noise) come from the run's seed folded
 # with the stage's number, so no two stages share a stream. Fixed numbers, not positions: a new stage
 # must not change the others' streams.
-STAGE_IDS = {"vae": 1, "ldm": 2, "layout": 3, "discriminator": 4, "control": 5, "evalseg": 6}
+STAGE_IDS = {"vae": 1, "ldm": 2, "layout": 3, "discriminator": 4, "control": 5, "evalseg": 6, "planner": 7}
 INIT, DATA, STEPS = 0, 1, 2  # the streams of a stage
 
 
@@ -86,13 +86,14 @@ def data_seed(ctx: Context, name: str) -> int:
 
 
 def train_batches(ctx: Context, seed: int, data_state: Optional[dict] = None,
-                  global_batch_size: Optional[int] = None, source=None) -> parallel.DevicePrefetch:
+                  global_batch_size: Optional[int] = None, source=None, derive=None) -> parallel.DevicePrefetch:
     """Global training batches on the mesh, resumable from `data_state`; from `source` (e.g. a
-    `latent_cache.CachedSource`) instead of the train split's records where given."""
+    `latent_cache.CachedSource`) instead of the train split's records where given; `derive` adds
+    fields computed from each example (`pipeline.Preprocess.derive`)."""
     inp = ctx.config.input
     ds = ctx.dataset.train_dataset(global_batch_size=global_batch_size or inp.batch_size, seed=seed, flip=inp.flip,
                                    num_threads=inp.num_threads, prefetch=inp.prefetch,
-                                   num_workers=inp.get("num_workers", 0), source=source)
+                                   num_workers=inp.get("num_workers", 0), source=source, derive=derive)
     it = iter(ds)
     if data_state:
         it.set_state(data_state)
@@ -198,19 +199,19 @@ def create_state(ctx: Context, name: str, init: Callable, finish: Optional[Calla
 
 
 def train(ctx: Context, name: str, cfg, state: Any, shardings: Any, step_fn: Callable,
-          pictures: Optional[Callable] = None, learning_rates: Optional[dict] = None, source=None):
+          pictures: Optional[Callable] = None, learning_rates: Optional[dict] = None, source=None, derive=None):
     """Runs the shared loop for stage `name` with its config section `cfg`.
 
     The data order and the step rngs come from the stage's own streams
     (`stage_key`). `pictures(step, state)` (a sample grid) runs every
     `cfg.sample_every` steps when set. `learning_rates` ({metric name: step ->
     lr}) defaults to the schedule of `cfg.optimizer`. `state` may be a
-    `sharding.PendingState`.
+    `sharding.PendingState`. `source` and `derive`: see `train_batches`.
     """
     state = sharding.resolve(state)
     seed = data_seed(ctx, name)
     batches = lambda data_state: train_batches(ctx, seed=seed, data_state=data_state, global_batch_size=cfg.batch_size,
-                                               source=source)
+                                               source=source, derive=derive)
     return loop.run(
         name=name, stage_dir=ctx.stage_dir(name), state=state, shardings=shardings, step_fn=step_fn,
         make_batches=batches, rng=stage_key(ctx, name, STEPS), num_steps=cfg.num_steps,
