@@ -178,7 +178,7 @@ def _validate_planner(config, stage_names) -> None:
     _require("layout" in stage_names and stage_names.index("layout") < stage_names.index("planner"), "stages",
              "must list 'layout' before 'planner' (the planner reads the layout stage's text encoder and fills "
              "its plans with the layout model)", list(stage_names))
-    for key in ("num_bins", "max_objects", "width", "depth", "heads", "shape_size", "shapes_per_class"):
+    for key in ("num_bins", "max_per_class", "width", "depth", "heads", "shape_size", "shapes_per_class"):
         _positive_int(config, f"planner.{key}")
     _require(config.planner.width % config.planner.heads == 0, "planner.heads",
              f"must divide planner.width={config.planner.width}", config.planner.heads)

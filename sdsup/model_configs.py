@@ -78,7 +78,7 @@ def planner(config, num_classes: int, thing_ids: tuple, text_dim: int) -> Planne
     """The object planner of `config.planner` over the dataset's thing classes, reading `text_dim`-wide states."""
     c = config.planner
     return PlannerConfig(num_classes=num_classes, thing_ids=tuple(int(i) for i in thing_ids),
-                         num_bins=int(c.num_bins), max_objects=int(c.max_objects), width=int(c.width),
+                         num_bins=int(c.num_bins), max_per_class=int(c.max_per_class), width=int(c.width),
                          depth=int(c.depth), heads=int(c.heads), cross_attention_dim=text_dim,
                          shape_size=int(c.shape_size), shapes_per_class=int(c.shapes_per_class))
 

@@ -319,8 +319,10 @@ def _planned_layout_sampler(config, text_config, planner_config, sampling: Layou
         rng_plan, rng_fill = jax.random.split(rng)
         cond = conditioning.encode_text(text_model, text_params, tokens, pad)
         uncond = conditioning.encode_text(text_model, text_params, empty, pad)
-        plan_cond = conditioning.encode_text(text_model, planner_text, tokens, pad)
-        plan_uncond = conditioning.encode_text(text_model, planner_text, empty, pad)
+        # Every class's sequence reads its example's text (`planning.sample`: class fastest).
+        things = planner_config.num_things
+        plan_cond = jnp.repeat(conditioning.encode_text(text_model, planner_text, tokens, pad), things, axis=0)
+        plan_uncond = jnp.repeat(conditioning.encode_text(text_model, planner_text, empty, pad), things, axis=0)
 
         def plan_logits(plan):
             apply = lambda context: planner.apply({"params": planner_params["net"]}, plan, context)

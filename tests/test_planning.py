@@ -7,13 +7,13 @@ import pytest
 
 from sdsup import planning
 from sdsup.diffusion import masked
-from sdsup.models.planner import BOS, EOS, PAD, SPECIAL_TOKENS, PlannerConfig, PlannerModel, dummy_inputs
+from sdsup.models.planner import EOS, PAD, SPECIAL_TOKENS, PlannerConfig, PlannerModel, dummy_inputs
 
 SKY, GRASS, HOUSE, CAR, ROCK = 0, 1, 2, 3, 4
 
 
 def config(**overrides):
-    fields = dict(num_classes=5, thing_ids=(HOUSE, CAR, ROCK), num_bins=16, max_objects=4, width=32, depth=2,
+    fields = dict(num_classes=5, thing_ids=(HOUSE, CAR, ROCK), num_bins=16, max_per_class=3, width=32, depth=2,
                   heads=2, cross_attention_dim=8, shape_size=8, shapes_per_class=4)
     return PlannerConfig(**dict(fields, **overrides))
 
@@ -38,18 +38,23 @@ def test_objects_are_components_in_plan_order_and_specks_are_dropped():
         (1, 22, 24, 26, 30)]
 
 
-def test_too_many_objects_keep_the_largest():
+def test_too_many_objects_of_a_class_keep_the_largest():
     label = np.full((32, 32), SKY, np.uint8)
     for i, size in enumerate((2, 3, 4, 5, 6)):
         label[1:1 + size, 6 * i:6 * i + size] = ROCK
-    boxes = planning.objects_in_map(label, config(max_objects=3), min_pixels=1)
-    assert sorted(b.area for b in boxes) == [16, 25, 36] and [b.x0 for b in boxes] == sorted(b.x0 for b in boxes)
+    label[20:24, 0:4] = HOUSE
+    boxes = planning.objects_in_map(label, config(max_per_class=3), min_pixels=1)
+    rocks = [b for b in boxes if b.thing == 2]
+    assert sorted(b.area for b in rocks) == [16, 25, 36] and [b.x0 for b in rocks] == sorted(b.x0 for b in rocks)
+    assert [b.thing for b in boxes] == [0, 2, 2, 2]
 
 
 def test_encode_decode_round_trip_on_the_bins():
     cfg = config()
     tokens = planning.encode(planning.objects_in_map(scene(), cfg, 4), cfg, 32, 32)
-    assert tokens.shape == (cfg.length,) and tokens[0] == BOS and tokens[1 + 15] == EOS and (tokens[17:] == PAD).all()
+    assert tokens.shape == (3, cfg.length)
+    np.testing.assert_array_equal(tokens[:, 0], SPECIAL_TOKENS + np.arange(3))
+    assert tokens[0, 5] == EOS and tokens[1, 9] == EOS and tokens[2, 1] == EOS and (tokens[2, 2:] == PAD).all()
     # 32 pixels over 16 bins: boxes on even pixels come back exactly.
     assert planning.decode(tokens, cfg, 32, 32) == [(HOUSE, (2, 8, 10, 20)), (CAR, (12, 26, 20, 30)),
                                                    (CAR, (24, 22, 30, 26))]
@@ -61,20 +66,28 @@ def test_drawing_a_maps_own_plan_gives_back_its_things():
     bank = planning.ShapeBank.build([label], cfg, 4)
     tokens = planning.encode(planning.objects_in_map(label, cfg, 4), cfg, 32, 32)
     drawn = np.asarray(planning.draw(jnp.asarray(tokens[None]), bank.as_params(), cfg, 32, 32))[0]
-    things = np.isin(label, (HOUSE, CAR)) & ~((label == ROCK))
+    things = np.isin(label, (HOUSE, CAR))
     np.testing.assert_array_equal(drawn[things], label[things])
     assert (drawn[~things] == planning.NO_THING).all()
+
+
+def _plan(cfg, boxes_per_class):
+    rows = np.full((cfg.num_things, cfg.length), PAD, np.int32)
+    for t, boxes in enumerate(boxes_per_class):
+        row = [SPECIAL_TOKENS + t] + [cfg.first_bin + c for box in boxes for c in box] + [EOS]
+        rows[t, :len(row)] = row
+    return rows
 
 
 def test_lower_boxes_are_drawn_over_higher_ones():
     cfg = config()
     bank = planning.ShapeBank.build([], cfg, 1)  # no shapes seen: every class is drawn as its full box
-    house = [SPECIAL_TOKENS + 0] + [cfg.first_bin + b for b in (2, 2, 9, 9)]
-    car = [SPECIAL_TOKENS + 1] + [cfg.first_bin + b for b in (6, 6, 13, 13)]
-    for plan in (house + car, car + house):
-        tokens = np.asarray([BOS] + plan + [EOS] + [PAD] * (cfg.length - 12), np.int32)
-        drawn = np.asarray(planning.draw(jnp.asarray(tokens[None]), bank.as_params(), cfg, 32, 32))[0]
-        assert drawn[14, 14] == CAR and drawn[5, 5] == HOUSE and drawn[30, 2] == planning.NO_THING
+    tokens = _plan(cfg, [[(2, 2, 9, 9)], [(6, 6, 13, 13)], []])
+    drawn = np.asarray(planning.draw(jnp.asarray(tokens[None]), bank.as_params(), cfg, 32, 32))[0]
+    assert drawn[14, 14] == CAR and drawn[5, 5] == HOUSE and drawn[30, 2] == planning.NO_THING
+    tokens = _plan(cfg, [[(6, 6, 13, 13)], [(2, 2, 9, 9)], []])
+    drawn = np.asarray(planning.draw(jnp.asarray(tokens[None]), bank.as_params(), cfg, 32, 32))[0]
+    assert drawn[14, 14] == HOUSE and drawn[5, 5] == CAR
 
 
 def test_sampled_plans_follow_the_grammar_whatever_the_logits():
@@ -85,17 +98,17 @@ def test_sampled_plans_follow_the_grammar_whatever_the_logits():
         return 4.0 * jax.random.normal(key, tokens.shape + (cfg.vocab_size,))
 
     plans = np.asarray(jax.jit(lambda r: planning.sample(logits_fn, r, 64, cfg))(jax.random.PRNGKey(0)))
-    lengths = []
-    for plan in plans:
-        assert plan[0] == BOS
+    assert plans.shape == (64, cfg.num_things, cfg.length)
+    counts = []
+    for plan in plans.reshape(-1, cfg.length):
+        assert SPECIAL_TOKENS <= plan[0] < cfg.first_bin
         end = int(np.argmax(plan == EOS))
-        assert plan[end] == EOS and (plan[end + 1:] == PAD).all() and (end - 1) % 5 == 0
-        body = plan[1:end].reshape(-1, 5)
-        assert ((body[:, 0] >= SPECIAL_TOKENS) & (body[:, 0] < cfg.first_bin)).all()
-        assert (body[:, 1:] >= cfg.first_bin).all() and (body[:, 3] >= body[:, 1]).all() and (
-            body[:, 4] >= body[:, 2]).all()
-        lengths.append(len(body))
-    assert max(lengths) > min(lengths)  # the number of objects is drawn too
+        assert plan[end] == EOS and (plan[end + 1:] == PAD).all() and (end - 1) % 4 == 0
+        body = plan[1:end].reshape(-1, 4)
+        assert (body >= cfg.first_bin).all() and (body[:, 2] >= body[:, 0]).all() and (body[:, 3] >= body[:, 1]).all()
+        counts.append(len(body))
+    np.testing.assert_array_equal(plans[:, :, 0], np.broadcast_to(SPECIAL_TOKENS + np.arange(3), (64, 3)))
+    assert max(counts) > min(counts)  # the number of objects is drawn too
 
 
 def test_planner_is_causal():
@@ -104,7 +117,7 @@ def test_planner_is_causal():
     tokens, context = dummy_inputs(cfg, context_length=5, batch_size=2)
     params = model.init(jax.random.PRNGKey(0), tokens, context)["params"]
     a = jax.random.randint(jax.random.PRNGKey(1), tokens.shape, 0, cfg.vocab_size)
-    b = a.at[:, 7:].set(0)
+    b = a.at[:, 7:].set(0)  # later tokens changed
     context = jax.random.normal(jax.random.PRNGKey(2), context.shape)
     la, lb = (model.apply({"params": params}, t, context) for t in (a, b))
     np.testing.assert_allclose(la[:, :7], lb[:, :7], atol=1e-5)

@@ -1,14 +1,20 @@
-"""Text -> object plan network: a small decoder-only transformer over object tokens.
+"""Text -> object plan network: a small decoder-only transformer over box tokens.
 
-A plan is the list of things a picture holds, each as five tokens: its class,
-then its box (x0, y0, x1, y1) as bins of the image's width and height
-(`sdsup.planning` writes and reads them). The network reads the plan so far
-(causal self-attention) and the text encoder's states (cross-attention) and
-predicts the next token, as layout-planning work does before any pixel is
-drawn: the objects, their number and their places are decided as a few
-discrete choices instead of hundreds of pixel draws.
+A plan lists, for each thing class of the dataset, that class's instances in
+a picture: the class token, then four tokens per instance, its box (x0, y0,
+x1, y1) as bins of the image's width and height, then EOS (`sdsup.planning`
+writes and reads them). The network reads one class's sequence so far (causal
+self-attention) and the text encoder's states (cross-attention) and predicts
+the next token, as layout-planning work decides the objects, their number and
+their places before any pixel is drawn: a few discrete choices instead of
+hundreds of pixel draws.
 
-Vocabulary: PAD, BOS, EOS, one token per thing class, one per coordinate bin.
+Each class is planned from the text alone, not from the other classes' boxes:
+a model that reads the boxes already placed learns which classes appear
+together, and drops one of a pair it never saw together (the scenes' test
+split holds exactly such pairs: a car beside a tree), where the text names both.
+
+Vocabulary: PAD, EOS, one token per thing class, one per coordinate bin.
 """
 
 from __future__ import annotations
@@ -23,19 +29,20 @@ import jax.numpy as jnp
 from sdsup.models.layers import Attention, Dense, FeedForward, LayerNorm
 from sdsup.models.partitioning import POSITION_EMBEDDING, EMBEDDING, with_axes
 
-PAD, BOS, EOS = 0, 1, 2
-SPECIAL_TOKENS = 3
-TOKENS_PER_OBJECT = 5  # class, x0, y0, x1, y1
+PAD, EOS = 0, 1
+SPECIAL_TOKENS = 2
+TOKENS_PER_BOX = 4  # x0, y0, x1, y1
 
 
 @dataclasses.dataclass(frozen=True)
 class PlannerConfig:
-    """A planner over `thing_ids` (class ids of the dataset's `num_classes`) with `num_bins` bins per side."""
+    """A planner over `thing_ids` (class ids of the dataset's `num_classes`) with `num_bins` bins per side and
+    up to `max_per_class` instances of a class."""
 
     num_classes: int
     thing_ids: tuple
     num_bins: int
-    max_objects: int
+    max_per_class: int
     width: int
     depth: int
     heads: int
@@ -50,8 +57,9 @@ class PlannerConfig:
             raise ValueError("a planner needs at least one thing class (the dataset's thing_classes)")
         if any(not 0 <= c < self.num_classes for c in self.thing_ids):
             raise ValueError(f"thing_ids {self.thing_ids} must be class ids below num_classes={self.num_classes}")
-        if self.num_bins < 2 or self.max_objects < 1:
-            raise ValueError(f"num_bins must be >= 2 and max_objects >= 1, got {self.num_bins}, {self.max_objects}")
+        if self.num_bins < 2 or self.max_per_class < 1:
+            raise ValueError(f"num_bins must be >= 2 and max_per_class >= 1, got {self.num_bins}, "
+                             f"{self.max_per_class}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must divide into {self.heads} heads")
 
@@ -70,8 +78,8 @@ class PlannerConfig:
 
     @property
     def length(self) -> int:
-        """Tokens in a plan: BOS, max_objects objects, EOS."""
-        return 1 + TOKENS_PER_OBJECT * self.max_objects + 1
+        """Tokens in one class's plan: the class token, max_per_class boxes, EOS."""
+        return 1 + TOKENS_PER_BOX * self.max_per_class + 1
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,7 +112,7 @@ class PlannerBlock(nn.Module):
 
 
 class PlannerModel(nn.Module):
-    """logits [B, T, vocab] of the next token = f(plan tokens [B, T], text states [B, L, D])."""
+    """logits [B, T, vocab] of the next token = f(one class's plan tokens [B, T], text states [B, L, D])."""
 
     config: PlannerConfig
 

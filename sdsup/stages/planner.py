@@ -4,7 +4,7 @@ The layout model alone draws every pixel of a thing independently: a house
 the caption names is a cloud of pixels whose belief at any one place is low,
 so sampled maps scatter specks and the most probable map rarely holds a thing
 (docs/faithfulness.md). This stage trains a small transformer
-(`sdsup.models.planner`) that writes each thing as its class and box, one
+(`sdsup.models.planner`) that writes, class by class, each thing's box one
 token at a time, from the text states of the layout stage's encoder (or,
 with `planner.train_text_encoder`, its own fine-tuned copy of it); training plans are read off the label maps (`sdsup.planning`). It
 collects the shape bank from the training maps and saves it with the network.
@@ -65,7 +65,10 @@ def loss_fn(model: PlannerModel, text_model: CLIPTextTransformer, cfg, prompting
         # The planner's own fine-tuned copy of the text encoder (planner.train_text_encoder), or the frozen one.
         text = params.get("text_encoder", text_params)
         context = conditioning.encode_text(text_model, text, tokens, prompting.pad_id)
-        plan = batch["plan"]
+        plan = batch["plan"]  # [B, things, length]: each class's sequence is one row, read with its example's text
+        b, things, length = plan.shape
+        plan = plan.reshape(b * things, length)
+        context = jnp.repeat(context, things, axis=0)
         logits = model.apply({"params": params["planner"]}, plan[:, :-1], context)
         target = plan[:, 1:]
         weight = (target != PAD).astype(jnp.float32)  # EOS is a target: the plan must learn where to stop
@@ -74,9 +77,8 @@ def loss_fn(model: PlannerModel, text_model: CLIPTextTransformer, cfg, prompting
         total = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
         hit = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
         acc = jnp.sum(hit * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-        objects = jnp.sum(weight, axis=1) - 1.0  # tokens up to EOS
-        return total, {"loss": total, "token_accuracy": acc,
-                       "objects_per_plan": jnp.mean(objects) / planner_lib.TOKENS_PER_OBJECT}
+        boxes = jnp.sum(target >= model.config.first_bin) / planner_lib.TOKENS_PER_BOX
+        return total, {"loss": total, "token_accuracy": acc, "objects_per_picture": boxes / b}
     return loss
 
 
@@ -120,7 +122,7 @@ def run(ctx: common.Context) -> dict:
     step = update.make_step(loss, tx, shardings, micro_batches=cfg.micro_batches, ema_decay=cfg.ema_decay)
     b = cfg.batch_size
     shapes = {"image": ((b, size, size, 3), jnp.uint8), "label": ((b, size, size), jnp.uint8),
-              "tokens": ((b, length), jnp.int32), "plan": ((b, config.length), jnp.int32)}
+              "tokens": ((b, length), jnp.int32), "plan": ((b, config.num_things, config.length), jnp.int32)}
     compiled = common.compile_step(step, state, ctx, b, frozen_text, batch_shapes=shapes)
     state = common.train(ctx, NAME, cfg, state, shardings, compiled, derive=planning.PlanTokens(config, smallest))
 

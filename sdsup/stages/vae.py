@@ -1,7 +1,11 @@
 """Stage `vae`: the autoencoder, trained on the dataset's images (or taken pretrained).
 
 Loss: L1 + L2 reconstruction + kl_weight * KL (no perceptual loss: no
-pretrained feature network exists offline). After training, the latent
+pretrained feature network exists offline). With `vae.class_balance` > 0 the
+reconstruction terms weigh each pixel by its class's OASIS weight (from the
+label map) to that power: a plain mean lets the sky and the ground decide, and
+things a dozen pixels large were lost in reconstruction, so no later stage
+could draw them (docs/faithfulness.md). Ignore pixels then weigh nothing. After training, the latent
 scaling factor is set to 1 / std of the latents over training images (the
 rule Stable Diffusion's 0.18215 came from), so the diffusion stages see
 latents of unit variance. Leaves `WORKDIR/vae/model/` (sdsup model files) and
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sdsup import model_configs, viz
+from sdsup import model_configs, segmentation, viz
 from sdsup.conditioning import images_to_float
 from sdsup.models.vae import AutoencoderKL
 from sdsup.stages import common
@@ -28,17 +32,24 @@ from sdsup.workdir import load_model_dir
 NAME = "vae"
 
 
-def loss_fn(vae: AutoencoderKL, cfg):
+def loss_fn(vae: AutoencoderKL, cfg, num_classes: int, ignore_id: int):
     """`(params, batch, rng) -> (loss, metrics)`: L1 + L2 + KL of a reconstruction from a posterior sample."""
+    power = float(cfg.get("class_balance", 0.0))
+
+    def mean(per_pixel, labels):
+        if not power:
+            return jnp.mean(per_pixel)
+        return segmentation.balanced_mean(per_pixel, labels, num_classes, ignore_id, power)
+
     def loss(params, batch, rng):
         x = images_to_float(batch["image"])
         posterior = vae.apply({"params": params}, x, method=vae.encode)
         rec = vae.apply({"params": params}, posterior.sample(rng), method=vae.decode).astype(jnp.float32)
-        l1 = jnp.mean(jnp.abs(rec - x))
-        l2 = jnp.mean(jnp.square(rec - x))
+        l1 = mean(jnp.mean(jnp.abs(rec - x), axis=-1), batch["label"])
+        l2 = mean(jnp.mean(jnp.square(rec - x), axis=-1), batch["label"])
         kl = jnp.mean(posterior.kl())
         total = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
-        psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(l2, 1e-10))  # images span [-1, 1]
+        psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(jnp.mean(jnp.square(rec - x)), 1e-10))  # images span [-1, 1]
         return total, {"loss": total, "loss/l1": l1, "loss/l2": l2, "loss/kl": kl, "psnr": psnr}
     return loss
 
@@ -61,7 +72,9 @@ def run(ctx: common.Context) -> dict:
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     state, shardings = common.create_state(ctx, NAME, init)
-    step = update.make_step(loss_fn(vae, cfg), tx, shardings, micro_batches=cfg.micro_batches)
+    spec = ctx.dataset.spec
+    step = update.make_step(loss_fn(vae, cfg, spec.num_classes, spec.ignore_id), tx, shardings,
+                            micro_batches=cfg.micro_batches)
     compiled = common.compile_step(step, state, ctx, cfg.batch_size)
     state = common.train(ctx, NAME, cfg, state, shardings, compiled)
 
