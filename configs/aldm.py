@@ -121,6 +121,7 @@ def get_config(arg: str = "ade20k"):
   c.layout.log_every = 100
   c.layout.checkpoint_every = 2000
   c.layout.eval_examples = 500
+  c.layout.evaluate = True  # no planner here (the real datasets list no thing classes): these are the layouts used
 
   # The discriminator: CSAIL's UperNet-ResNet101 (deep stem 64-64-128, PPM 512, FPN 512: mit_semseg's
   # "upernet"), N + 1 outputs, as `python -m sdsup.convert csail` reads it from the checkpoint. `folder`

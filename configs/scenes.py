@@ -14,7 +14,10 @@ Stages run in order (`config.stages`); finished ones are skipped on re-runs:
   vae       autoencoder, 64x64 images -> 16x16x4 latents
   ldm       text encoder + latent UNet (v-prediction, caption dropout, EMA)
   layout    text -> 16x16 label map by masked discrete diffusion (its own
-            fine-tuned copy of the ldm text encoder); evaluation of the maps
+            fine-tuned copy of the ldm text encoder)
+  planner   text -> object plan (each thing class's boxes); every later layout
+            draws the plan's things and lets the layout model fill the stuff;
+            evaluation of the planned maps
   discriminator  the adversarial discriminator's segmenter, pretrained on real training
             images (smoke: on their VAE reconstructions); `control` fine-tunes it
   control   segmentation conditioner with ALDM adversarial supervision
@@ -25,18 +28,20 @@ Expected runtime on 2 CPU cores (cold XLA compilation cache; bench/run.py
 --only=smoke_run,default_run measures both):
   smoke:   163 s measured (target 180; compiling ~15 small programs is most of it, the
            sample-grid samplers in the background; Python and TensorFlow imports 6 s).
-  default: 28.1 minutes measured (vae 2.7, ldm 5.3, layout 4.6, discriminator 1.1,
-           control 11.9 with an adversarial step every step, evalseg 1.4, evaluate 1.0;
-           4.0 of them compiling train steps); budget 30. Peak RSS 4.0 GiB.
+  default: 23.2 minutes measured on 2026-12-03 (vae 3.0, ldm 3.3, layout 2.2,
+           planner 6.2, discriminator 0.6, control 6.2 with an adversarial step every
+           step, evalseg 0.9, evaluate 0.8) on an Intel Xeon with AVX-512 + AMX; earlier,
+           slower machines took 26.1 minutes without the planner; budget 30. Peak RSS 5.1 GiB.
   The numbers hold with the machine to itself: a second job on the cores slows the run
   far beyond the budget (38.5 minutes for the 23.5-minute configuration before).
 Expected result: every stage's DONE.json, WORKDIR/metrics.json and
 WORKDIR/report.md, and the pictures each stage leaves (README, "Stages").
-Default run, test split: layout mIoU 0.356 for the most probable map
-(retrieval 0.253, majority 0.105, oracle 0.749), sampled maps 0.305 with
-41% of the caption's relations satisfied; image mIoU by the evaluation
-segmenter 0.393 on ground-truth layouts with ALDM (plain conditioner 0.351, text only
-0.300; real images 0.820).
+Default run, test split (held-out compositions): planned layouts' most probable
+map mIoU 0.523 (retrieval 0.253, majority 0.105, oracle 0.749); sampled layouts hold
+0.96 of the facts their captions state; images: text -> layout -> image holds 0.694
+of the facts, text -> image alone 0.376 (+0.317, 95% CI +0.277..+0.354), true
+layouts 0.737, real images 0.932; image mIoU with ALDM on true layouts 0.540 (real
+images 0.812). Details: README and docs/faithfulness.md.
 The smoke run's pictures are noise-like (tens of steps): it checks the plumbing.
 
 References:
