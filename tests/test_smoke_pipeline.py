@@ -196,6 +196,27 @@ def test_evaluate_cli_on_a_copy(workdir, tmp_path):
     assert "Split: validation" in (copy / "report.md").read_text()
 
 
+def test_sampler_sweeps_planned_and_plain_layouts_and_image_settings(workdir, tmp_path):
+    out = tmp_path / "layouts"
+    result = _run("sdsup.experiments.layout_sampling", f"--workdir={workdir}", f"--out={out}", "--examples=8",
+                  "--planner=both", "--plan_temperature=1,0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = json.loads((out / "layout_sampling.json").read_text())["entries"]
+    # Without the planner: the most probable map and the configured sampler; with it, each at two temperatures.
+    assert sorted(e["planned"] for e in entries) == [False, False, True, True, True, True]
+    assert all(0.0 <= e["facts"] <= 1.0 for e in entries)
+    out = tmp_path / "images"
+    before = (workdir / "metrics.json").read_bytes()
+    result = _run("sdsup.experiments.image_sampling", f"--workdir={workdir}", f"--out={out}", "--examples=8",
+                  "--guidance=1,3", "--conditioning_scale=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = json.loads((out / "image_sampling.json").read_text())["entries"]
+    assert sorted(e["guidance"] for e in entries) == [1.0, 3.0] and sum(e["config"] for e in entries) == 1
+    assert all(0.0 <= e["facts"] <= 1.0 and e["fid_segfeat"] >= 0 for e in entries)
+    assert "| guidance | conditioning scale |" in (out / "image_sampling.md").read_text()
+    assert (workdir / "metrics.json").read_bytes() == before  # a sweep never rewrites the run's metrics
+
+
 @pytest.mark.parametrize("args, message", [
     (["--examples=1"], "--examples must be at least 2"),
     (["--variants=nonsense"], "unknown variants"),

@@ -114,7 +114,8 @@ def table(entries: List[dict]) -> List[str]:
     return lines
 
 
-def _floats(values, cast=float) -> List:
+def parse_values(values, cast=float) -> List:
+    """A sweep flag's list of values as numbers; a SweepError naming them when they are not."""
     try:
         return [cast(v) for v in values] if values else []
     except ValueError as e:
@@ -129,8 +130,8 @@ def main(f):
     dataset = Dataset.open(session.config, session.tokenizer)
     models = session.workdir.layout_models()
     base = session.settings.layout
-    grid = settings_grid(base, steps=_floats(f.steps.value, int), temperature=_floats(f.temperature.value),
-                         choice_temperature=_floats(f.choice_temperature.value), guidance=_floats(f.guidance.value))
+    grid = settings_grid(base, steps=parse_values(f.steps.value, int), temperature=parse_values(f.temperature.value),
+                         choice_temperature=parse_values(f.choice_temperature.value), guidance=parse_values(f.guidance.value))
     if len(grid) == 1:
         grid.append(dataclasses.replace(base, mode="sample"))
     calibration = faithfulness.calibrate(dataset)
@@ -141,8 +142,8 @@ def main(f):
                                   f.seed.value, calibration)
     if "planner" in models and f.planner.value in ("both", "with"):
         planned_grid = [dataclasses.replace(g, plan_temperature=t, plan_guidance=w) for g in grid
-                        for t in (_floats(f.plan_temperature.value) or [base.plan_temperature])
-                        for w in (_floats(f.plan_guidance.value) or [base.plan_guidance])]
+                        for t in (parse_values(f.plan_temperature.value) or [base.plan_temperature])
+                        for w in (parse_values(f.plan_guidance.value) or [base.plan_guidance])]
         entries += score_settings(dataset, models, session.settings, planned_grid, f.split.value, f.examples.value,
                                   f.seed.value, calibration)
     out = f.out.value or session.workdir.file("layout_sampling")
