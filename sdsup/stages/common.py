@@ -198,6 +198,18 @@ def create_state(ctx: Context, name: str, init: Callable, finish: Optional[Calla
     return sharding.create_sharded_in_background(init, ctx.mesh, init_rng(ctx, name), finish=finish)
 
 
+def start_from(key: str, params: Any) -> Callable:
+    """A `create_state` finish that sets state["params"][key] and state["ema"][key] to copies of `params`
+    (e.g. a stage's own trainable copy of an earlier stage's text encoder); separate buffers, because the
+    step donates params and EMA."""
+    def finish(state, shardings):
+        for part in ("params", "ema"):
+            state[part][key] = jax.tree.map(lambda x, sh: jax.device_put(np.array(x), sh), params,
+                                            shardings[part][key])
+        return state
+    return finish
+
+
 def train(ctx: Context, name: str, cfg, state: Any, shardings: Any, step_fn: Callable,
           pictures: Optional[Callable] = None, learning_rates: Optional[dict] = None, source=None, derive=None):
     """Runs the shared loop for stage `name` with its config section `cfg`.

@@ -92,14 +92,9 @@ def run(ctx: common.Context) -> dict:
             params["text_encoder"] = text_init()  # replaced by the ldm stage's weights below
         return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
 
-    def with_ldm_text_encoder(state, shardings):
-        """Starts from the ldm stage's encoder (separate buffers: params and EMA are donated)."""
-        for key in ("params", "ema"):
-            state[key]["text_encoder"] = jax.tree.map(lambda x, sh: jax.device_put(np.array(x), sh), text_params,
-                                                      shardings[key]["text_encoder"])
-        return state
-
-    state, shardings = common.create_state(ctx, NAME, init, finish=with_ldm_text_encoder if train_text else None)
+    # The trainable copy starts from the weights of the encoder it copies.
+    finish = common.start_from("text_encoder", text_params) if train_text else None
+    state, shardings = common.create_state(ctx, NAME, init, finish=finish)
 
     def sampling_models(ema):
         return {"layout": (config, ema["layout"]), "text_encoder": (text_config, ema.get("text_encoder", text_params))}
