@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import logging
 
-import fault_worker
+import toy_training
 from sdsup import parallel
 from sdsup.trainer import checkpoint, loop, preemption
 
@@ -35,9 +35,9 @@ STEPS, DAMAGED_STEP, INTACT_STEP = 15, 10, 5  # checkpoints every 5 steps
 
 
 def _train(stage_dir, mesh, num_steps):
-    state, shardings, step = fault_worker.toy_setup(mesh)
+    state, shardings, step = toy_training.toy_setup(mesh)
     final = loop.run(name="toy", stage_dir=str(stage_dir), state=state, shardings=shardings, step_fn=step,
-                     make_batches=lambda s: fault_worker.Batches(mesh, s, 0.0), rng=jax.random.PRNGKey(1),
+                     make_batches=lambda s: toy_training.Batches(mesh, s), rng=jax.random.PRNGKey(1),
                      num_steps=num_steps, log_every=5, checkpoint_every=5, keep_checkpoints=3, config={"toy": True})
     return [np.asarray(x) for x in jax.tree.leaves(final)]
 

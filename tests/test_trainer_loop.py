@@ -3,7 +3,6 @@
 import os
 import signal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,65 +10,14 @@ import optax
 import pytest
 
 from sdsup import parallel
-from sdsup.models.partitioning import BIAS, DENSE_KERNEL, with_axes
 from sdsup.stages import common
 from sdsup.trainer import checkpoint, loop, sharding
-
-
-class Toy(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        dense = lambda n: nn.Dense(n, kernel_init=with_axes(nn.initializers.lecun_normal(), DENSE_KERNEL),
-                                   bias_init=with_axes(nn.initializers.zeros, BIAS))
-        return dense(1)(nn.gelu(dense(16)(x)))
-
-
-class Batches:
-    """Deterministic batches indexed by a counter: a minimal resumable iterator."""
-
-    def __init__(self, mesh, state=None, poison_at=None):
-        self.i = (state or {}).get("next", 0)
-        self.mesh, self.poison_at = mesh, poison_at
-
-    def __next__(self):
-        rng = np.random.default_rng(self.i)
-        x = rng.normal(size=(8, 4)).astype(np.float32)
-        y = np.sin(x.sum(1, keepdims=True)).astype(np.float32)
-        if self.poison_at is not None and self.i + 1 == self.poison_at:
-            y[:] = np.nan
-        self.i += 1
-        return parallel.global_batch({"x": x, "y": y}, self.mesh)
-
-    def get_state(self):
-        return {"next": self.i}
-
-
-def _setup(mesh):
-    model, tx = Toy(), optax.adamw(1e-2)
-
-    def init(rng):
-        params = model.init(rng, jnp.zeros((1, 4)))["params"]
-        return {"params": params, "opt": tx.init(params)}
-
-    state, shardings = sharding.create_sharded(init, mesh, jax.random.PRNGKey(0))
-
-    def step(state, batch, rng):
-        def loss_fn(p):
-            pred = model.apply({"params": p}, batch["x"])
-            noise = 1e-3 * jax.random.normal(rng, pred.shape)  # uses the step rng
-            return jnp.mean((pred + noise - batch["y"]) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, {"loss": loss}
-
-    step = jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
-    return state, shardings, step
+from toy_training import Batches, Toy, toy_setup
 
 
 def _run(tmp_path, mesh, num_steps, poison_at=None, hooks=(), hook_every=0, pictures=None, picture_every=0,
          learning_rates=None):
-    state, shardings, step = _setup(mesh)
+    state, shardings, step = toy_setup(mesh)
     return loop.run(name="toy", stage_dir=str(tmp_path), state=state, shardings=shardings, step_fn=step,
                     make_batches=lambda s: Batches(mesh, s, poison_at), rng=jax.random.PRNGKey(1),
                     num_steps=num_steps, log_every=2, checkpoint_every=3, hooks=hooks, hook_every=hook_every,
@@ -96,7 +44,7 @@ def test_nan_stops_with_the_term_and_step_and_keeps_the_last_good_checkpoint(tmp
         _run(tmp_path, mesh, 12, poison_at=8)
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
     assert ckpt.latest_step() == 6
-    state, shardings, _ = _setup(mesh)
+    state, shardings, _ = toy_setup(mesh)
     restored, data_state, step = ckpt.restore(checkpoint.abstract_like(state, shardings))
     assert step == 6 and data_state == {"next": 6}
     assert all(np.isfinite(x).all() for x in _leaves(restored))
@@ -121,7 +69,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     eight = parallel.make_mesh({"data": -1})
     trained = _run(tmp_path, eight, 6)
     fsdp = parallel.make_mesh({"data": 2, "fsdp": 4})
-    state, shardings, _ = _setup(fsdp)
+    state, shardings, _ = toy_setup(fsdp)
     restored, _, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).restore(
         checkpoint.abstract_like(state, shardings))
     for a, b in zip(_leaves(trained), _leaves(restored)):
